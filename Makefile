@@ -1,0 +1,34 @@
+# The two commands of the README:  make demo   and   make test
+# Both create .venv, install a CPU build of torch where no NVIDIA GPU is present, then the project.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Where no GPU is present pip takes the CPU wheel of this version when the machine offers one
+# (e.g. a local wheel cache); elsewhere add e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_VERSION  ?= 2.13.0
+TORCH_PIP_ARGS ?=
+DEMO_DIR ?= demo_data
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  $(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS); fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)
+
+test: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+
+bench: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/shards.py
+
+clean:
+	rm -rf $(DEMO_DIR) runs .pytest_cache
