@@ -1,0 +1,268 @@
+"""The paper's two-GPU split (section 3.2), kept apart from the model like torchtitan's ``apply_*``.
+
+``split_two_devices(model, devices)`` returns a :class:`TwoColumnAlexNet` that computes the same function as
+``model`` (the single-device grouped form in ``trainer/model.py``) with each column on its own device:
+
+    layer   column c on devices[c] holds        reads
+    conv1   half the kernels (48 of 96)          the whole image (copied to both devices)
+    conv2   half (128 of 256)                    its own column's conv1 maps only
+    conv3   half (192 of 384)                    BOTH columns' conv2 maps      <- activations cross devices
+    conv4   half (192 of 384)                    its own column only
+    conv5   half (128 of 256)                    its own column only
+    fc6     half the neurons (2048 of 4096)      BOTH columns' conv5 maps      <- cross
+    fc7     half (2048 of 4096)                  BOTH columns' fc6 neurons     <- cross
+    fc8     all of it, on devices[0]             BOTH columns' fc7 neurons     <- cross; the loss is here too
+
+Checkpoints are interchangeable with the single-device model: each split layer's ``state_dict`` shows the
+whole layer under the single-device name (``conv1.weight`` [96, 3, 11, 11], ...), joining the two column
+halves along the output dimension, and ``load_state_dict`` splits a whole-layer tensor back into the
+halves. The parameters themselves are ordinary leaf tensors, one per column, on their column's device, so
+optimizers and DDP (``device_ids=None`` for a module spanning devices) see them as they are.
+
+Concurrency. On CUDA, kernel launches are asynchronous, so issuing column 0's work and then column 1's
+from one Python thread already runs them at the same time on two GPUs; cross-device copies are
+``non_blocking`` and PyTorch orders them against each device's current stream. When both columns share one
+GPU, column 1 runs on its own side stream (one stream per column), with explicit waits at the crossing
+points; autograd runs each backward op on its forward op's stream, so the backward pass overlaps the same way.
+On the CPU the two columns' forward work can run in two Python threads (torch ops release the GIL):
+``concurrent=True``. The autograd engine runs CPU backward work on a single thread, so only the forward
+pass overlaps there; see README.md "Model-parallel" and bench/split.py for what that buys on a small CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from trainer.model import COLUMNS, AlexNet, ColumnLRN
+
+# Layers that the paper splits into columns, and whether each column reads both columns' outputs of the
+# layer before (True: activations cross devices to reach it) or only its own column's (grouped layers).
+SPLIT_LAYERS = {"conv1": False, "conv2": False, "conv3": True, "conv4": False, "conv5": False,
+                "fc6": True, "fc7": True}
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+def _normalise_devices(devices: Sequence[torch.device | str | int]) -> list[torch.device]:
+    if isinstance(devices, (str, torch.device, int)) or not hasattr(devices, "__len__"):
+        raise ValueError(
+            f"split_two_devices needs a list of exactly {COLUMNS} devices (one per column), got {devices!r}; "
+            "pass e.g. ['cuda:0', 'cuda:1'], ['cuda:0', 'cuda:0'] (one GPU, two streams) or ['cpu', 'cpu']")
+    if len(devices) != COLUMNS:
+        raise ValueError(
+            f"split_two_devices needs exactly {COLUMNS} devices (one per column of the paper's net), got "
+            f"{len(devices)}: {[str(d) for d in devices]}; a worker for --parallel model needs 2 GPUs "
+            "(--gpus-per-worker 2), or pass ['cpu', 'cpu'] to run the split on the CPU")
+    out = []
+    for d in devices:
+        d = torch.device(d)
+        if d.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {d} asked for, but torch sees no CUDA GPU; pass ['cpu', 'cpu'] instead")
+            index = torch.cuda.current_device() if d.index is None else d.index
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device {d} asked for, but torch sees only {torch.cuda.device_count()} GPU(s)")
+            d = torch.device("cuda", index)
+        elif d.type != "cpu":
+            raise ValueError(f"split_two_devices supports 'cpu' and 'cuda' devices, got {d}")
+        out.append(d)
+    if out[0].type != out[1].type:
+        raise ValueError(f"both columns must be on the same kind of device, got {out[0]} and {out[1]}")
+    return out
+
+
+# ----------------------------------------------------------------------------- one layer, two columns
+
+def _column_half(layer: nn.Conv2d | nn.Linear, column: int) -> nn.Conv2d | nn.Linear:
+    """A new layer holding ``column``'s half of ``layer``'s output units (and, for a grouped conv, reading
+    only that column's half of the inputs), with the weights copied from ``layer``."""
+    half = layer.out_features // COLUMNS if isinstance(layer, nn.Linear) else layer.out_channels // COLUMNS
+    rows = slice(column * half, (column + 1) * half)
+    if isinstance(layer, nn.Linear):
+        part = nn.Linear(layer.in_features, half)
+    else:
+        if layer.groups not in (1, COLUMNS):
+            raise ValueError(f"cannot split a conv with groups={layer.groups} into {COLUMNS} columns")
+        part = nn.Conv2d(layer.in_channels // layer.groups, half, layer.kernel_size, stride=layer.stride,
+                         padding=layer.padding)
+    with torch.no_grad():
+        part.weight.copy_(layer.weight[rows])   # grouped weights: group c's kernels are rows c*half..
+        part.bias.copy_(layer.bias[rows])
+    return part
+
+
+def _join_columns(module: "ColumnSplit", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: ``conv3.columns.0.weight`` + ``conv3.columns.1.weight`` -> ``conv3.weight``."""
+    target = module.columns[0].weight.device
+    for name in ("weight", "bias"):
+        halves = [state_dict.pop(f"{prefix}columns.{c}.{name}") for c in range(COLUMNS)]
+        state_dict[prefix + name] = torch.cat([h.to(target) for h in halves], dim=0)
+
+
+def _split_columns(module: "ColumnSplit", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                   missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """load_state_dict pre-hook: ``conv3.weight`` -> one half per column, each moved to its column's device.
+    A state dict saved from the split layer's own parameter names loads as it is."""
+    for name in ("weight", "bias"):
+        whole = state_dict.pop(prefix + name, None)
+        if whole is None:
+            continue
+        expected = sum(getattr(col, name).shape[0] for col in module.columns)
+        if whole.shape[0] != expected:
+            error_msgs.append(f"size mismatch for {prefix}{name}: copying a param with shape "
+                              f"{tuple(whole.shape)}, the split model has {expected} rows in two columns")
+            continue
+        for c, half in enumerate(whole.chunk(COLUMNS, dim=0)):
+            state_dict[f"{prefix}columns.{c}.{name}"] = half.to(getattr(module.columns[c], name).device)
+
+
+# register_state_dict_post_hook marks the function itself; do it once so re-registering is allowed.
+_join_columns._from_public_api = True  # type: ignore[attr-defined]
+
+
+class ColumnSplit(nn.Module):
+    """One learned layer split into the paper's two columns: ``columns[c]`` holds output units
+    ``c*half .. (c+1)*half`` on ``devices[c]``. Its state dict shows the whole layer (``weight``, ``bias``)."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, devices: Sequence[torch.device]):
+        super().__init__()
+        self.columns = nn.ModuleList(_column_half(layer, c).to(devices[c]) for c in range(COLUMNS))
+        self.register_state_dict_post_hook(_join_columns)
+        self.register_load_state_dict_pre_hook(_split_columns)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("ColumnSplit holds two columns; call columns[c] on column c's input")
+
+
+# ------------------------------------------------------------------------------------ the split net
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _column_thread() -> ThreadPoolExecutor:
+    """One helper thread per process runs column 1's CPU work while the caller's thread runs column 0."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alexnet-column-1")
+        return _POOL
+
+
+class TwoColumnAlexNet(nn.Module):
+    """AlexNet with column c of every split layer on ``devices[c]``; fc8 (and so the loss) on devices[0].
+
+    Feed images on any device; the logits come back on ``output_device``."""
+
+    def __init__(self, model: AlexNet, devices: Sequence[torch.device], concurrent: bool = True):
+        super().__init__()
+        self.devices = list(devices)
+        self.input_device = self.output_device = self.devices[0]
+        self.num_classes, self.width, self.widths = model.num_classes, model.width, dict(model.widths)
+        self.concurrent = concurrent
+        for name in SPLIT_LAYERS:
+            setattr(self, name, ColumnSplit(getattr(model, name), self.devices))
+        self.fc8 = nn.Linear(model.fc8.in_features, model.fc8.out_features).to(self.devices[0])
+        with torch.no_grad():
+            self.fc8.weight.copy_(model.fc8.weight)
+            self.fc8.bias.copy_(model.fc8.bias)
+        lrn = model.lrn   # each column normalises its own maps: ColumnLRN over one column
+        self.lrn = ColumnLRN(1, size=lrn.size, alpha=lrn.alpha, beta=lrn.beta, k=lrn.k)
+        self.pool = nn.MaxPool2d(model.pool.kernel_size, model.pool.stride)
+        self.dropout = nn.Dropout(model.dropout.p)
+        self.train(model.training)
+        # One GPU, two columns: column 1 gets its own stream so the columns can overlap on that GPU.
+        same_gpu = self.devices[0].type == "cuda" and self.devices[0] == self.devices[1]
+        self._side_stream = torch.cuda.Stream(self.devices[1]) if same_gpu else None
+        self._streams: list = [None, None]
+
+    def extra_repr(self) -> str:
+        return f"devices={[str(d) for d in self.devices]}, concurrent={self.concurrent}"
+
+    # -- how work is spread over the two columns
+
+    def _stream_context(self, c: int):
+        if self._side_stream is not None and c == 1:
+            return torch.cuda.stream(self._side_stream)
+        return contextlib.nullcontext()
+
+    def _per_column(self, stage: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
+        """Run ``stage(0)`` and ``stage(1)`` at the same time: on CUDA by launching both (the launches are
+        asynchronous; column 1 on its own stream when both share a GPU); on the CPU in two threads."""
+        if self.devices[0].type == "cpu" and self.concurrent:
+            grad = torch.is_grad_enabled()
+
+            def column_one():
+                with torch.set_grad_enabled(grad):  # grad mode is per thread; the helper must match the caller
+                    return stage(1)
+
+            future = _column_thread().submit(column_one)
+            first = stage(0)
+            return [first, future.result()]
+        outputs = []
+        for c in range(COLUMNS):
+            with self._stream_context(c):
+                outputs.append(stage(c))
+        return outputs
+
+    def _fetch(self, tensor: torch.Tensor, source: int, c: int) -> torch.Tensor:
+        """``tensor``, made by column ``source``, on column ``c``'s device, ordered after its producer."""
+        if self._side_stream is not None and source != c:
+            here = torch.cuda.current_stream(self.devices[c])
+            here.wait_stream(self._streams[source])
+            tensor.record_stream(here)   # the producer's stream must not reuse this memory before we read it
+        return tensor.to(self.devices[c], non_blocking=True)
+
+    def _both(self, outputs: list[torch.Tensor], c: int) -> torch.Tensor:
+        """Both columns' activations joined on column c's device: the points where the paper's GPUs talk."""
+        return torch.cat([self._fetch(h, source, c) for source, h in enumerate(outputs)], dim=1)
+
+    # -- the network, column by column (same order of operations as AlexNet.features / classifier)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self._side_stream is not None:
+            self._streams = [torch.cuda.current_stream(self.devices[0]), self._side_stream]
+        source = 0 if images.device == self.devices[0] else 1 if images.device == self.devices[1] else -1
+
+        def own_columns_1_2(c):   # conv1, conv2: every column sees the image, then only its own maps
+            x = self._fetch(images, source, c) if source >= 0 else images.to(self.devices[c], non_blocking=True)
+            x = self.pool(self.lrn(F.relu(self.conv1.columns[c](x))))
+            return self.pool(self.lrn(F.relu(self.conv2.columns[c](x))))
+
+        def cross_3_own_4_5(c):   # conv3 sees both columns; conv4, conv5 only their own
+            x = F.relu(self.conv3.columns[c](self._both(maps, c)))
+            x = F.relu(self.conv4.columns[c](x))
+            return torch.flatten(self.pool(F.relu(self.conv5.columns[c](x))), 1)
+
+        def cross_fc6(c):
+            return self.dropout(F.relu(self.fc6.columns[c](self._both(maps, c))))
+
+        def cross_fc7(c):
+            return self.dropout(F.relu(self.fc7.columns[c](self._both(neurons, c))))
+
+        maps = self._per_column(own_columns_1_2)
+        maps = self._per_column(cross_3_own_4_5)   # flattening per column keeps AlexNet's channel-major order
+        neurons = self._per_column(cross_fc6)
+        neurons = self._per_column(cross_fc7)
+        return self.fc8(self._both(neurons, 0))
+
+
+def split_two_devices(model: AlexNet, devices: Sequence[torch.device | str], concurrent: bool = True
+                      ) -> TwoColumnAlexNet:
+    """Place ``model``'s two columns on ``devices`` (section 3.2 of the paper); returns a new module with a copy
+    of the weights and the same state-dict keys and shapes. ``model`` itself is left as it was.
+
+    ``devices``: exactly two, e.g. ``["cuda:0", "cuda:1"]``; ``["cuda:0", "cuda:0"]`` runs the columns on two
+    streams of one GPU; ``["cpu", "cpu"]`` runs the same code on the CPU. ``concurrent`` only matters on the
+    CPU: run column 1's forward work in a helper thread (see the module docstring for what that buys).
+    """
+    devices = _normalise_devices(devices)
+    if not isinstance(model, AlexNet):
+        raise ValueError(f"split_two_devices splits trainer.model.AlexNet, got {type(model).__name__}")
+    return TwoColumnAlexNet(model, devices, concurrent=concurrent)
