@@ -1,0 +1,430 @@
+"""``python -m shards build SOURCE OUT --split train|val|test``: any labelled image set -> WebDataset shards.
+
+Flow: scan SOURCE into items (sorted), fix the class map, shuffle globally with --seed, then workers turn
+items into JPEG bytes in order while this process writes shards. The output of every step depends only
+on the input and the arguments that change bytes (never on --workers or timing), so the same command
+always writes byte-identical shards and manifest.
+
+Resume: each finished shard is renamed into OUT and recorded in ``OUT/.partial/progress.jsonl`` (which
+item comes next, and the rejects so far). Rerunning the same command keeps the recorded shards whose
+bytes still match and carries on from there. The manifest is written last; ``.partial`` is then removed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .images import EncodeConfig, Rejected, prepare_image
+from .manifest import FORMAT, ShardError, read_classes_file
+from .sources import INPUT_FORMS, Item, read_item_bytes, scan_source
+from .tarfmt import ShardWriter, sample_tar_bytes
+from .wnids import describe, find_synsets_beside, read_synsets
+
+SPLITS = ("train", "val", "test")
+PARTIAL = ".partial"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    source: str
+    out: str
+    split: str
+    classes: str | None = None
+    seed: int = 0
+    max_count: int = 1000
+    max_size: int = 256 * 1024 * 1024
+    resize_shorter: int | None = None
+    max_side: int | None = None
+    quality: int = 90
+    input: str = "auto"
+    csv: str | None = None
+    id_column: str | None = None
+    label_column: str | None = None
+    suffix: str | None = None
+    synsets: str | None = None
+    strict: bool = False
+    workers: int = 1
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"--split {self.split!r}: use one of {', '.join(SPLITS)}")
+        if self.input not in INPUT_FORMS:
+            raise ValueError(f"--input {self.input!r}: use one of {', '.join(INPUT_FORMS)}")
+        if self.max_count < 1:
+            raise ValueError(f"--max-count {self.max_count}: must be at least 1")
+        if self.max_size < 4096:
+            raise ValueError(f"--max-size {self.max_size}: must be at least 4096 bytes")
+        if self.workers < 1:
+            raise ValueError(f"--workers {self.workers}: must be at least 1")
+        if (self.id_column or self.label_column) and not self.csv:
+            raise ValueError("--id-column / --label-column need --csv LABELS.csv")
+        self.encode  # validates resize / quality
+
+    @property
+    def encode(self) -> EncodeConfig:
+        return EncodeConfig(self.resize_shorter, self.max_side, self.quality)
+
+    def recorded_args(self) -> dict:
+        """The arguments written to manifest.json: those that change the output's bytes, without paths
+        that differ between machines or runs (file names only), and without --workers."""
+        args = asdict(self)
+        del args["workers"], args["out"]
+        for key in ("source", "csv", "synsets"):
+            if args[key] is not None:
+                args[key] = Path(args[key]).name
+        if args["classes"] is not None:
+            args["classes"] = Path(args["classes"]).name
+        return args
+
+
+# ---------------------------------------------------------------- per-item work (runs in the workers)
+
+_ENCODE: EncodeConfig | None = None
+
+
+def _init_worker(encode: EncodeConfig) -> None:
+    global _ENCODE
+    _ENCODE = encode
+
+
+def process_item(item: Item) -> tuple[bytes, int, int] | str:
+    """JPEG bytes and size, or the reject reason."""
+    if item.problem:
+        return item.problem
+    try:
+        data = read_item_bytes(item)
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    try:
+        return prepare_image(data, _ENCODE)
+    except Rejected as e:
+        return str(e)
+
+
+def sample_members(item: Item, cls: int, jpg: bytes, width: int, height: int) -> list[tuple[str, bytes]]:
+    meta = {"file": item.file, "label": item.label, "width": width, "height": height}
+    return [("cls", str(cls).encode()), ("jpg", jpg),
+            ("json", json.dumps(meta, separators=(",", ":")).encode())]
+
+
+# ---------------------------------------------------------------- output files
+
+def shard_name(split: str, number: int, ext: str) -> str:
+    return f"{split}-{number:06d}.{ext}"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class _HashingFile:
+    """A write-only file that hashes and counts what goes through it."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.bytes += len(b)
+        return self.f.write(b)
+
+    def tell(self) -> int:
+        return self.bytes
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+class ShardSink:
+    """Cuts the ordered stream of samples into shards and records each finished one in progress.jsonl."""
+
+    def __init__(self, cfg: BuildConfig, out: Path, records: list[dict]):
+        self.cfg, self.out, self.records = cfg, out, records
+        self.partial = out / PARTIAL
+        self.number = len(records)
+        self.writer: ShardWriter | None = None
+        self.file: _HashingFile | None = None
+        self.count = 0
+        self.tar_bytes = 0
+        self.rejected: list[dict] = []
+
+    def _open(self) -> None:
+        self.file = _HashingFile(self.partial / shard_name(self.cfg.split, self.number, "tar"))
+        self.writer = ShardWriter(self.file)
+        self.count = self.tar_bytes = 0
+
+    def add(self, position: int, key: str, members: list[tuple[str, bytes]]) -> None:
+        size = sample_tar_bytes(members)
+        if self.writer is not None and (self.count >= self.cfg.max_count or
+                                        self.tar_bytes + size > self.cfg.max_size):
+            self.finish(next_position=position)
+        if self.writer is None:
+            self._open()
+        self.writer.write(key, members)
+        self.count += 1
+        self.tar_bytes += size
+
+    def reject(self, item: Item, reason: str) -> None:
+        self.rejected.append({"path": item.file, "reason": reason})
+
+    def finish(self, next_position: int) -> None:
+        """Close the open shard, move it into OUT, record it; rejects seen so far go with it."""
+        if self.writer is None:
+            if self.rejected and self.records:  # trailing rejects after the last shard
+                self.records[-1]["rejected"].extend(self.rejected)
+                self.records[-1]["next"] = next_position
+                self.rejected = []
+                self._rewrite_progress()
+            return
+        index_text = self.writer.close()
+        self.file.close()
+        tar_name = shard_name(self.cfg.split, self.number, "tar")
+        idx_name = shard_name(self.cfg.split, self.number, "idx")
+        write_atomic(self.out / idx_name, index_text.encode())
+        os.replace(self.partial / tar_name, self.out / tar_name)
+        record = {"name": tar_name, "index": idx_name, "count": self.count, "bytes": self.file.bytes,
+                  "sha256": self.file.sha.hexdigest(), "next": next_position, "rejected": self.rejected}
+        self.records.append(record)
+        with open(self.partial / "progress.jsonl", "a") as f:  # the commit point of this shard
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.writer, self.file, self.rejected = None, None, []
+        self.number += 1
+
+    def _rewrite_progress(self) -> None:
+        write_atomic(self.partial / "progress.jsonl",
+                     "".join(json.dumps(r) + "\n" for r in self.records).encode())
+
+    def abandon(self) -> None:
+        if self.file is not None and not self.file.f.closed:
+            self.file.f.close()
+
+
+# ---------------------------------------------------------------- resume
+
+def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict) -> list[dict] | None:
+    """Make OUT ready; return the finished shard records to keep, or None when OUT is already complete."""
+    partial = out / PARTIAL
+    manifest_path = out / "manifest.json"
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: exists and is not a directory; pass a new OUT_DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    if manifest_path.exists() and not partial.exists():
+        try:
+            old = json.loads(manifest_path.read_text()).get("args")
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old == args:
+            return None
+        raise ShardError(f"{out}: already holds shards built with other arguments; "
+                         f"pass a new OUT_DIR or delete this one")
+    if not partial.exists():
+        stray = [p.name for p in out.iterdir()]
+        if stray:
+            raise ShardError(f"{out}: not empty ({', '.join(sorted(stray)[:3])}, ...); "
+                             f"pass a new or empty OUT_DIR")
+        partial.mkdir()
+        write_atomic(partial / "args.json", json.dumps(args, sort_keys=True).encode())
+        return []
+    try:
+        old_args = json.loads((partial / "args.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        old_args = None
+    if old_args != args:
+        raise ShardError(f"{out}: holds an interrupted build with other arguments; rerun that command "
+                         f"to resume it, or pass a new OUT_DIR")
+    records = []
+    progress = partial / "progress.jsonl"
+    lines = progress.read_text().splitlines() if progress.exists() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a torn last line: that shard is redone
+        tar, idx = out / record["name"], out / record["index"]
+        if not (tar.is_file() and idx.is_file() and tar.stat().st_size == record["bytes"]
+                and file_sha256(tar) == record["sha256"]):
+            break
+        records.append(record)
+    # Everything after the last good record is redone: remove it so the result matches a clean run.
+    keep = {r[k] for r in records for k in ("name", "index")}
+    for p in out.iterdir():
+        if p.is_file() and p.name not in keep:
+            p.unlink()
+    for p in partial.iterdir():
+        if p.name not in ("args.json", "progress.jsonl"):
+            p.unlink()
+    write_atomic(progress, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return records
+
+
+# ---------------------------------------------------------------- the command
+
+def class_table(cfg: BuildConfig, source_labels: list[str], items: list[Item]) -> list[dict]:
+    synsets_path = cfg.synsets or find_synsets_beside(cfg.source, cfg.csv)
+    synsets = read_synsets(synsets_path) if synsets_path else {}
+    if cfg.classes:
+        entries = read_classes_file(cfg.classes)
+        known = {e["name"] for e in entries}
+        for item in items:
+            if item.label and item.label not in known:
+                raise ShardError(f"{item.file}: label {item.label!r} is not in {cfg.classes}; "
+                                 f"shard with the train split's classes.json, or fix the label")
+        descriptions = describe([e["name"] for e in entries], synsets)
+        return [{"index": e["index"], "name": e["name"], "description": e.get("description") or d}
+                for e, d in zip(entries, descriptions)]
+    names = sorted(set(source_labels) | {it.label for it in items if it.label})
+    return [{"index": i, "name": n, "description": d} for i, (n, d) in enumerate(zip(names, describe(names, synsets)))]
+
+
+def build(cfg: BuildConfig, progress: bool = True) -> dict:
+    """Run the whole build; return the manifest."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    src = scan_source(cfg.source, cfg.input, cfg.csv, cfg.id_column, cfg.label_column, cfg.suffix)
+    classes = class_table(cfg, src.labels, src.items)
+    index_of = {c["name"]: c["index"] for c in classes}
+    items = list(src.items)
+    random.Random(cfg.seed).shuffle(items)
+    args = cfg.recorded_args()
+
+    records = prepare_out_dir(cfg, out, args)
+    if records is None:
+        print(f"{out}: already complete (same arguments); nothing to do. Check it with "
+              f"`python -m shards verify {out}`", file=sys.stderr)
+        return json.loads((out / "manifest.json").read_text())
+    start = records[-1]["next"] if records else 0
+    if start:
+        print(f"resuming: {len(records)} finished shards kept, {len(items) - start} of {len(items)} "
+              f"files left", file=sys.stderr)
+
+    sink = ShardSink(cfg, out, records)
+    todo = items[start:]
+    bar = tqdm(total=len(items), initial=start, unit="img", desc=f"build {cfg.split}", disable=not progress,
+               file=sys.stderr, smoothing=0.1, mininterval=0.5)
+    pool = None
+    try:
+        if cfg.workers > 1:
+            pool = multiprocessing.get_context("fork").Pool(cfg.workers, _init_worker, (cfg.encode,))
+            results = pool.imap(process_item, todo, chunksize=8)
+        else:
+            _init_worker(cfg.encode)
+            results = map(process_item, todo)
+        for position, (item, result) in enumerate(zip(todo, results), start=start):
+            if isinstance(result, str):
+                if cfg.strict:
+                    raise ShardError(f"{item.file}: {result} (--strict makes any reject fatal; "
+                                     f"drop --strict to skip it into rejected.jsonl)")
+                sink.reject(item, result)
+            elif item.label:
+                jpg, width, height = result
+                key = f"{cfg.split}_{position:08d}"
+                sink.add(position, key, sample_members(item, index_of[item.label], jpg, width, height))
+            bar.update(1)
+        sink.finish(next_position=len(items))
+    except KeyboardInterrupt:
+        sink.abandon()
+        raise ShardError(f"{out}: interrupted after {len(sink.records)} finished shards; rerun the same "
+                         f"command to resume") from None
+    except BaseException:
+        sink.abandon()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    records = sink.records
+    if not records:
+        shutil.rmtree(out / PARTIAL)
+        raise ShardError(f"{cfg.source}: no usable images (all {len(items)} rejected, see reasons above); "
+                         f"check SOURCE")
+    rejected = sorted((r for rec in records for r in rec["rejected"]), key=lambda r: (r["path"], r["reason"]))
+    shards = [{k: r[k] for k in ("name", "index", "count", "bytes", "sha256")} for r in records]
+    manifest = {
+        "format": FORMAT,
+        "split": cfg.split,
+        "num_samples": sum(s["count"] for s in shards),
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "num_classes": len(classes),
+        "classes": [c["name"] for c in classes],
+        "shards": shards,
+        "rejected": len(rejected),
+        "args": args,
+    }
+    write_atomic(out / "classes.json", (json.dumps({"classes": classes}, indent=1) + "\n").encode())
+    write_atomic(out / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected).encode())
+    write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    shutil.rmtree(out / PARTIAL)
+
+    seconds = time.perf_counter() - t0
+    done = len(items) - start
+    reasons = Counter(r["reason"].split(":")[0] for r in rejected)
+    print(f"{out}: {manifest['num_samples']} images in {len(shards)} shards "
+          f"({manifest['total_bytes'] / 1e6:.1f} MB), {len(classes)} classes, {len(rejected)} rejected"
+          + (f" ({'; '.join(f'{n} {r}' for r, n in reasons.most_common())}; see rejected.jsonl)" if rejected else "")
+          + f"; {done} files in {seconds:.1f} s ({done / max(seconds, 1e-9):.0f} images/s)", file=sys.stderr)
+    return manifest
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("build", help="shard a labelled image set",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="class-folder tree, ILSVRC2012_img_train.tar, or an image folder with --csv")
+    p.add_argument("out", help="output directory for this split's shards (new or empty, or an interrupted build)")
+    p.add_argument("--split", required=True, choices=SPLITS)
+    p.add_argument("--classes", help="reuse this classes.json (the train split's) for val/test")
+    p.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
+    p.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (default 1000)")
+    p.add_argument("--max-size", type=int, default=256 * 1024 * 1024, help="bytes per shard at most (default 256 MiB)")
+    p.add_argument("--resize-shorter", type=int, help="downscale so the shorter side is at most N, re-encode")
+    p.add_argument("--max-side", type=int, help="downscale so the longer side is at most N, re-encode")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality for re-encoded images (default 90)")
+    p.add_argument("--input", choices=INPUT_FORMS, default="auto", help="input form (default: detect)")
+    p.add_argument("--csv", help="labels CSV: LOC_val_solution.csv, or any with --id-column/--label-column")
+    p.add_argument("--id-column", help="CSV column naming the image file (without --suffix)")
+    p.add_argument("--label-column", help="CSV column holding the label")
+    p.add_argument("--suffix", help="appended to the id to get the file name (.JPEG for LOC_val_solution.csv)")
+    p.add_argument("--synsets", help="wnid -> name file (LOC_synset_mapping.txt / synset_words.txt)")
+    p.add_argument("--strict", action="store_true", help="any rejected file is fatal")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    fields = {k: v for k, v in vars(ns).items() if k in BuildConfig.__dataclass_fields__}
+    try:
+        cfg = BuildConfig(**fields)
+    except ValueError as e:
+        raise ShardError(str(e)) from None
+    build(cfg, progress=not ns.quiet)
+    return 0

@@ -1,0 +1,86 @@
+"""One source file -> the JPEG bytes a shard stores, or the reason it is rejected.
+
+Default is copy mode: an RGB JPEG keeps its bytes unchanged. Anything else that Pillow can decode
+(CMYK or greyscale JPEG, a PNG named ``.JPEG``, ...) is re-encoded as an RGB JPEG. With
+``resize_shorter`` / ``max_side`` images larger than the target are downscaled and re-encoded; images
+already small enough keep their bytes (no second generation of JPEG loss).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+
+class Rejected(Exception):
+    """The file cannot become a sample; ``str(e)`` is the reason written to rejected.jsonl."""
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    resize_shorter: int | None = None
+    max_side: int | None = None
+    quality: int = 90
+
+    def __post_init__(self):
+        for name in ("resize_shorter", "max_side"):
+            v = getattr(self, name)
+            if v is not None and v < 8:
+                raise ValueError(f"--{name.replace('_', '-')} {v}: must be at least 8 pixels")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality {self.quality}: must be between 1 and 100")
+
+    @property
+    def resizes(self) -> bool:
+        return self.resize_shorter is not None or self.max_side is not None
+
+
+def target_size(width: int, height: int, cfg: EncodeConfig) -> tuple[int, int]:
+    """The stored size: downscale only, so the shorter side <= resize_shorter and the longer <= max_side."""
+    scale = 1.0
+    if cfg.resize_shorter is not None:
+        scale = min(scale, cfg.resize_shorter / min(width, height))
+    if cfg.max_side is not None:
+        scale = min(scale, cfg.max_side / max(width, height))
+    if scale >= 1.0:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def prepare_image(data: bytes, cfg: EncodeConfig) -> tuple[bytes, int, int]:
+    """Return ``(jpeg_bytes, width, height)`` for a shard, or raise :class:`Rejected`."""
+    if not data:
+        raise Rejected("zero-byte file")
+    with warnings.catch_warnings():
+        # ImageNet has JPEGs with broken EXIF blocks; the pixels are fine, the warnings are noise.
+        warnings.simplefilter("ignore")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise Rejected("not an image Pillow can read") from None
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a reject, never a crash
+            raise Rejected(f"unreadable image header: {type(e).__name__}: {e}") from None
+        fmt, (width, height) = img.format, img.size
+        out_w, out_h = target_size(width, height, cfg)
+        if (out_w, out_h) != (width, height) and fmt == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the target: much faster.
+            img.draft("RGB", (out_w, out_h))
+        try:
+            img.load()  # full decode: catches truncated and corrupt files
+        except Exception as e:  # noqa: BLE001
+            raise Rejected(f"truncated or corrupt {fmt or 'image'} data: {e}") from None
+        if fmt == "JPEG" and img.mode == "RGB" and (out_w, out_h) == (width, height):
+            return data, width, height
+        try:
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            if img.size != (out_w, out_h):
+                img = img.resize((out_w, out_h), Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=cfg.quality)
+        except Exception as e:  # noqa: BLE001
+            raise Rejected(f"cannot convert {fmt} {img.mode} image to RGB JPEG: {e}") from None
+        return buf.getvalue(), out_w, out_h
+
