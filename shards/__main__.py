@@ -10,7 +10,7 @@ import sys
 
 from .manifest import ShardError
 
-COMMANDS = ("build", "verify")
+COMMANDS = ("build", "verify", "stage")
 
 
 def main(argv: list[str] | None = None) -> int:

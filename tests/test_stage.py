@@ -1,0 +1,136 @@
+"""``python -m shards stage``: real shard directories copied from a local "remote", file:// and memory://."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from shards.manifest import ShardError, load_manifest
+from shards.stage import stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shards", "stage", *args, "--quiet"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def files_of(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def remote(digits_shards, tmp_path) -> Path:
+    """A private copy of the train split playing the object store (tests may damage it)."""
+    src = tmp_path / "remote" / "train"
+    shutil.copytree(digits_shards.train, src)
+    return src
+
+
+def test_stage_copies_then_skips_then_replaces_a_corrupted_shard(remote, tmp_path):
+    dest = tmp_path / "local" / "train"
+    manifest = json.loads((remote / "manifest.json").read_text())
+    names = [e["name"] for e in manifest["shards"]]
+    assert len(names) >= 3
+
+    first = stage(str(remote), dest, workers=2, progress=False)
+    assert (first.copied, first.skipped, first.replaced) == (len(names), 0, 0)
+    assert first.bytes_copied == sum(e["bytes"] for e in manifest["shards"])
+    assert files_of(dest) == files_of(remote)  # shards, idx files, classes.json, manifest.json, rejected.jsonl
+    assert load_manifest(dest)["num_samples"] == manifest["num_samples"]
+
+    stamps = {n: os.stat(dest / n).st_mtime_ns for n in names}
+    again = stage(str(remote), dest, progress=False)
+    assert (again.copied, again.skipped, again.bytes_copied) == (0, len(names), 0)
+    assert {n: os.stat(dest / n).st_mtime_ns for n in names} == stamps  # nothing rewritten
+
+    bad = dest / names[1]
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, wrong sha256
+    bad.write_bytes(bytes(data))
+    (dest / manifest["shards"][2]["index"]).unlink()
+    fixed = stage(str(remote), dest, progress=False)
+    assert (fixed.copied, fixed.replaced, fixed.skipped) == (1, 1, len(names) - 1)
+    assert files_of(dest) == files_of(remote)
+    assert os.stat(dest / names[0]).st_mtime_ns == stamps[names[0]]
+    assert not [p for p in dest.iterdir() if ".part-" in p.name]
+
+
+def test_stage_cli_from_a_file_url(remote, tmp_path):
+    dest = tmp_path / "local"
+    r = run_stage_cli(remote.as_uri(), str(dest))
+    assert r.returncode == 0, r.stderr
+    n = len(json.loads((remote / "manifest.json").read_text())["shards"])
+    assert f"staged {n} shards to {dest}: {n} copied" in r.stdout
+    assert files_of(dest) == files_of(remote)
+    r = run_stage_cli(remote.as_uri(), str(dest))
+    assert r.returncode == 0 and f"{n} already present and valid" in r.stdout, r.stdout + r.stderr
+
+
+def test_stage_from_memory_url(remote, tmp_path):
+    fs = fsspec.filesystem("memory")
+    bucket = f"/stage-test-{uuid.uuid4().hex}/train"
+    fs.put(str(remote), bucket, recursive=True)
+    try:
+        dest = tmp_path / "local"
+        report = stage(f"memory://{bucket}", dest, progress=False)
+        assert report.copied == len(json.loads((remote / "manifest.json").read_text())["shards"])
+        assert files_of(dest) == files_of(remote)
+        # the source shard is replaced upstream by a corrupt copy: the sha256 check refuses it
+        name = json.loads((remote / "manifest.json").read_text())["shards"][0]["name"]
+        fs.pipe(f"{bucket}/{name}", b"x" * (remote / name).stat().st_size)
+        (dest / name).unlink()
+        with pytest.raises(ShardError, match=rf"memory://{bucket}/{name}: sha256 is .* manifest.json says"):
+            stage(f"memory://{bucket}", dest, progress=False)
+        assert not (dest / name).exists()
+        assert not [p for p in dest.iterdir() if ".part-" in p.name]
+    finally:
+        fs.rm(bucket.rsplit("/", 1)[0], recursive=True)
+
+
+def test_stage_fails_clearly_on_a_missing_shard_and_writes_nothing(remote, tmp_path):
+    name = json.loads((remote / "manifest.json").read_text())["shards"][-1]["name"]
+    (remote / name).unlink()
+    dest = tmp_path / "local"
+    r = run_stage_cli(str(remote), str(dest))
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert err == [f"error: {remote}/{name}: listed in manifest.json but missing from the source; "
+                   f"re-upload the split (or rebuild it with `python -m shards build`)"]
+    assert not dest.exists()
+
+
+def test_stage_rejects_a_directory_without_manifest(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_stage_cli(str(tmp_path / "empty"), str(tmp_path / "local"))
+    assert r.returncode != 0
+    assert r.stderr.strip() == (f"error: {tmp_path / 'empty'}/manifest.json: not found; SRC must be a shard "
+                                f"directory written by `python -m shards build`")
+
+
+def test_stage_cleans_temp_files_of_a_dead_stage(remote, tmp_path):
+    dest = tmp_path / "local"
+    dest.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    stale = dest / f".train-000000.tar.part-{dead}-1"
+    stale.write_bytes(b"half a shard")
+    stage(str(remote), dest, progress=False)
+    assert not stale.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed here")
+def test_stage_names_the_package_for_a_missing_protocol(tmp_path):
+    r = run_stage_cli("s3://some-bucket/imagenet/train", str(tmp_path / "local"))
+    assert r.returncode != 0
+    assert r.stderr.strip().endswith("; pip install s3fs")
+    assert not (tmp_path / "local").exists()
