@@ -179,7 +179,7 @@ class TwoColumnAlexNet(nn.Module):
         self.train(model.training)
         # One GPU, two columns: column 1 gets its own stream so the columns can overlap on that GPU.
         same_gpu = self.devices[0].type == "cuda" and self.devices[0] == self.devices[1]
-        self._side_stream = torch.cuda.Stream(self.devices[1]) if same_gpu else None
+        self._side_stream = torch.cuda.Stream(self.devices[1]) if same_gpu and concurrent else None
         self._streams: list = [None, None]
 
     def extra_repr(self) -> str:
@@ -259,8 +259,9 @@ def split_two_devices(model: AlexNet, devices: Sequence[torch.device | str], con
     of the weights and the same state-dict keys and shapes. ``model`` itself is left as it was.
 
     ``devices``: exactly two, e.g. ``["cuda:0", "cuda:1"]``; ``["cuda:0", "cuda:0"]`` runs the columns on two
-    streams of one GPU; ``["cpu", "cpu"]`` runs the same code on the CPU. ``concurrent`` only matters on the
-    CPU: run column 1's forward work in a helper thread (see the module docstring for what that buys).
+    streams of one GPU; ``["cpu", "cpu"]`` runs the same code on the CPU. ``concurrent=False`` runs the columns
+    one after the other: on the CPU in one thread (True: column 1's forward work in a helper thread), on one
+    GPU on one stream (True: column 1 on a side stream). Two GPUs always overlap (asynchronous launches).
     """
     devices = _normalise_devices(devices)
     if not isinstance(model, AlexNet):
