@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .images import EncodeConfig, Rejected, prepare_image
 from .manifest import FORMAT, ShardError, read_classes_file
 from .sources import INPUT_FORMS, Item, read_item_bytes, scan_source
-from .tarfmt import ShardWriter, sample_tar_bytes
+from .tarfmt import ShardWriter, sample_tar_bytes, tar_file_size
 from .wnids import describe, find_synsets_beside, read_synsets
 
 SPLITS = ("train", "val", "test")
@@ -182,7 +182,7 @@ class ShardSink:
     def add(self, position: int, key: str, members: list[tuple[str, bytes]]) -> None:
         size = sample_tar_bytes(members)
         if self.writer is not None and (self.count >= self.cfg.max_count or
-                                        self.tar_bytes + size > self.cfg.max_size):
+                                        tar_file_size(self.tar_bytes + size) > self.cfg.max_size):
             self.finish(next_position=position)
         if self.writer is None:
             self._open()
@@ -404,7 +404,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", help="reuse this classes.json (the train split's) for val/test")
     p.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
     p.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (default 1000)")
-    p.add_argument("--max-size", type=int, default=256 * 1024 * 1024, help="bytes per shard at most (default 256 MiB)")
+    p.add_argument("--max-size", type=int, default=256 * 1024 * 1024, help="bytes per shard file at most, unless one sample is larger (default 256 MiB)")
     p.add_argument("--resize-shorter", type=int, help="downscale so the shorter side is at most N, re-encode")
     p.add_argument("--max-side", type=int, help="downscale so the longer side is at most N, re-encode")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality for re-encoded images (default 90)")

@@ -24,6 +24,12 @@ def sample_tar_bytes(members: list[tuple[str, bytes]]) -> int:
     return sum(BLOCK + padded(len(data)) for _, data in members)
 
 
+def tar_file_size(member_bytes: int) -> int:
+    """Size of a finished tar whose members take ``member_bytes``: two zero blocks, padded to 10 KiB records."""
+    end = member_bytes + 2 * BLOCK
+    return (end + tarfile.RECORDSIZE - 1) // tarfile.RECORDSIZE * tarfile.RECORDSIZE
+
+
 def split_name(name: str) -> tuple[str, str]:
     """``'a/b.c.d'`` -> ``('a/b', 'c.d')``: WebDataset's (and wds2idx's) key/extension split."""
     dot = name.find(".", name.rfind("/") + 1)
