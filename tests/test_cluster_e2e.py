@@ -1,0 +1,152 @@
+"""End to end on a real local Ray cluster with token authentication, submitted the documented way.
+
+The test starts its own head (`ray start --head --block`) on 127.0.0.1, on free ports and in a private
+temp dir and HOME (so `ray get-auth-token --generate` writes the token to *its* ~/.ray/auth_token, exactly
+as the README says, without touching the real one), submits through `cluster/submit.sh`, and stops only
+the processes it started: everything in the session of the `ray start` process (never a global
+`ray stop`, which would kill other people's clusters).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the virtual environment's `ray`, `python`
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class LocalHead:
+    address: str            # the dashboard / job API, http://127.0.0.1:PORT
+    env: dict[str, str]     # a client environment that holds the token (HOME/.ray/auth_token)
+    home: Path
+    log: Path
+
+    def submit(self, *fit_args: str, env: dict[str, str] | None = None,
+               timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "cluster/submit.sh", *fit_args], cwd=REPO, env=env or self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def session_pids(sid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+
+
+def stop_head(proc: subprocess.Popen) -> None:
+    """SIGTERM to `ray start --block` (it stops its own services), then SIGKILL whatever of its session is left."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    for _ in range(3):
+        left = session_pids(proc.pid)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
+    if proc.poll() is None:
+        proc.kill()
+
+
+def wait_for_dashboard(address: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"dashboard at {address} not up after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def local_head():
+    # short root: Ray's unix socket paths must stay under 107 characters
+    root = Path(tempfile.mkdtemp(prefix="rayt", dir="/tmp"))
+    home = root / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=120)
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    assert token
+
+    gcs, dash, client, node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(9)
+    worker_lo = 30000 + (os.getpid() % 300) * 100
+    cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+           f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+           f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 99}",
+           "--num-cpus=4", "--num-gpus=0", f"--temp-dir={root / 'ray'}", "--disable-usage-stats"]
+    log = root / "head.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        wait_for_dashboard(address, token, proc, log)
+        yield LocalHead(address=address, env=dict(env, RAY_ADDRESS=address), home=home, log=log)
+    finally:
+        stop_head(proc)
+        assert not session_pids(proc.pid), "processes of the test's Ray head survived"
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def jobs(head: LocalHead) -> dict[str, str]:
+    """``{submission_id: status}`` through Ray's job client, authenticated with the head's token."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = (head.home / ".ray" / "auth_token").read_text().strip()
+    client = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {token}"})
+    return {j.submission_id: str(j.status) for j in client.list_jobs()}
+
+
+def test_submission_without_the_token_is_refused(local_head):
+    before = jobs(local_head)
+    no_token = dict(local_head.env, RAY_AUTH_MODE="disabled")
+    r = local_head.submit("--help", env=no_token, timeout=120)
+    assert r.returncode != 0
+    assert "Unauthorized: Missing authentication token" in r.stderr + r.stdout
+
+    wrong = dict(local_head.env, RAY_AUTH_TOKEN="0" * 32)  # RAY_AUTH_TOKEN wins over ~/.ray/auth_token
+    r = local_head.submit("--help", env=wrong, timeout=120)
+    assert r.returncode != 0
+    assert "Invalid authentication token" in r.stderr + r.stdout
+    assert jobs(local_head) == before  # neither reached the cluster
