@@ -159,3 +159,18 @@ def test_other_bad_arguments_are_value_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             split_two_devices(small_model(), ["cuda:0", "cuda:1"])
+
+
+def test_autocast_reaches_the_column_thread(batch):
+    """bf16 autocast on the CPU (train.precision bf16) must cover column 1's helper thread as well."""
+    images, _ = batch
+    model = small_model().eval()
+    split = split_two_devices(model, CPU2, concurrent=True).eval()
+    seen = {}
+    for c in range(2):
+        split.conv2.columns[c].register_forward_hook(lambda m, i, out, c=c: seen.__setitem__(c, out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(images), split(images)
+    assert seen == {0: torch.bfloat16, 1: torch.bfloat16}
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.05)

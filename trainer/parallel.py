@@ -165,6 +165,7 @@ class TwoColumnAlexNet(nn.Module):
         self.devices = list(devices)
         self.input_device = self.output_device = self.devices[0]
         self.num_classes, self.width, self.widths = model.num_classes, model.width, dict(model.widths)
+        self.image_size = getattr(model, "image_size", 224)
         self.concurrent = concurrent
         for name in SPLIT_LAYERS:
             setattr(self, name, ColumnSplit(getattr(model, name), self.devices))
@@ -192,65 +193,79 @@ class TwoColumnAlexNet(nn.Module):
             return torch.cuda.stream(self._side_stream)
         return contextlib.nullcontext()
 
-    def _per_column(self, stage: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
-        """Run ``stage(0)`` and ``stage(1)`` at the same time: on CUDA by launching both (the launches are
-        asynchronous; column 1 on its own stream when both share a GPU); on the CPU in two threads."""
+    def _per_column(self, stage: Callable[[int, torch.Tensor], torch.Tensor], inputs: list[torch.Tensor]
+                    ) -> list[torch.Tensor]:
+        """Run ``stage(c, inputs[c])`` for both columns at the same time: on CUDA by launching both (launches
+        are asynchronous; column 1 on its own stream when both share a GPU); on the CPU in two threads."""
         if self.devices[0].type == "cpu" and self.concurrent:
-            grad = torch.is_grad_enabled()
+            # Grad mode and autocast are per thread: the helper thread must run as the caller does.
+            grad, cast = torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")
+            cast_dtype = torch.get_autocast_dtype("cpu")
 
             def column_one():
-                with torch.set_grad_enabled(grad):  # grad mode is per thread; the helper must match the caller
-                    return stage(1)
+                with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=cast_dtype, enabled=cast):
+                    return stage(1, inputs[1])
 
             future = _column_thread().submit(column_one)
-            first = stage(0)
+            first = stage(0, inputs[0])
             return [first, future.result()]
         outputs = []
         for c in range(COLUMNS):
             with self._stream_context(c):
-                outputs.append(stage(c))
+                outputs.append(stage(c, inputs[c]))
         return outputs
 
     def _fetch(self, tensor: torch.Tensor, source: int, c: int) -> torch.Tensor:
-        """``tensor``, made by column ``source``, on column ``c``'s device, ordered after its producer."""
-        if self._side_stream is not None and source != c:
+        """``tensor``, made by column ``source`` (-1: by neither), on column ``c``'s device, ordered after its
+        producer. Between GPUs, PyTorch's copy orders itself against both devices' current streams."""
+        if self._side_stream is not None and source not in (-1, c):
             here = torch.cuda.current_stream(self.devices[c])
             here.wait_stream(self._streams[source])
             tensor.record_stream(here)   # the producer's stream must not reuse this memory before we read it
         return tensor.to(self.devices[c], non_blocking=True)
 
-    def _both(self, outputs: list[torch.Tensor], c: int) -> torch.Tensor:
-        """Both columns' activations joined on column c's device: the points where the paper's GPUs talk."""
-        return torch.cat([self._fetch(h, source, c) for source, h in enumerate(outputs)], dim=1)
+    def _join_on(self, outputs: list[torch.Tensor], c: int) -> torch.Tensor:
+        """Both columns' outputs joined along channels on column c's device, in column c's stream."""
+        with self._stream_context(c):
+            return torch.cat([self._fetch(h, source, c) for source, h in enumerate(outputs)], dim=1)
+
+    def _cross(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The crossing points of section 3.2: every column gets both columns' outputs. Both joins are issued
+        before either column computes on, so neither column's stream waits for the other's next layer."""
+        return [self._join_on(outputs, c) for c in range(COLUMNS)]
 
     # -- the network, column by column (same order of operations as AlexNet.features / classifier)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self._side_stream is not None:
             self._streams = [torch.cuda.current_stream(self.devices[0]), self._side_stream]
-        source = 0 if images.device == self.devices[0] else 1 if images.device == self.devices[1] else -1
+        source = self.devices.index(images.device) if images.device in self.devices else -1
+        image_per_column = []
+        for c in range(COLUMNS):                       # conv1 of every column sees the whole image
+            with self._stream_context(c):
+                image_per_column.append(self._fetch(images, source, c))
 
-        def own_columns_1_2(c):   # conv1, conv2: every column sees the image, then only its own maps
-            x = self._fetch(images, source, c) if source >= 0 else images.to(self.devices[c], non_blocking=True)
+        def conv1_conv2(c, x):      # each column only its own maps
             x = self.pool(self.lrn(F.relu(self.conv1.columns[c](x))))
             return self.pool(self.lrn(F.relu(self.conv2.columns[c](x))))
 
-        def cross_3_own_4_5(c):   # conv3 sees both columns; conv4, conv5 only their own
-            x = F.relu(self.conv3.columns[c](self._both(maps, c)))
+        def conv3_conv4_conv5(c, x):    # x: both columns' conv2 maps; conv4, conv5 see their own column only
+            x = F.relu(self.conv3.columns[c](x))
             x = F.relu(self.conv4.columns[c](x))
+            # flattening each column's (N, C/2, 6, 6) and joining them keeps AlexNet's channel-major order
             return torch.flatten(self.pool(F.relu(self.conv5.columns[c](x))), 1)
 
-        def cross_fc6(c):
-            return self.dropout(F.relu(self.fc6.columns[c](self._both(maps, c))))
+        def fc6(c, x):
+            return self.dropout(F.relu(self.fc6.columns[c](x)))
 
-        def cross_fc7(c):
-            return self.dropout(F.relu(self.fc7.columns[c](self._both(neurons, c))))
+        def fc7(c, x):
+            return self.dropout(F.relu(self.fc7.columns[c](x)))
 
-        maps = self._per_column(own_columns_1_2)
-        maps = self._per_column(cross_3_own_4_5)   # flattening per column keeps AlexNet's channel-major order
-        neurons = self._per_column(cross_fc6)
-        neurons = self._per_column(cross_fc7)
-        return self.fc8(self._both(neurons, 0))
+        maps = self._per_column(conv1_conv2, image_per_column)
+        maps = self._per_column(conv3_conv4_conv5, self._cross(maps))
+        neurons = self._per_column(fc6, self._cross(maps))
+        neurons = self._per_column(fc7, self._cross(neurons))
+        return self.fc8(self._join_on(neurons, 0))     # fc8 and the loss on devices[0]
 
 
 def split_two_devices(model: AlexNet, devices: Sequence[torch.device | str], concurrent: bool = True
