@@ -1,0 +1,241 @@
+"""The DALI input pipeline: WebDataset shards -> decoded, augmented, normalised batches.
+
+:func:`build_pipeline` is the one function that builds the graph. ``cfg.device`` picks where it runs:
+``"cpu"`` gives ``device_id=None`` and CPU operators; ``"cuda:N"`` gives ``device_id=N``, nvJPEG
+decoding (``device="mixed"``, with the hardware decoder where the card has one) and the same
+operators on the GPU, since DALI places an operator on the device of its input. Small per-sample
+parameters (crop windows, coin flips, lighting alphas) are always computed on the CPU: DALI takes
+argument inputs from host memory, and they are a few floats per image.
+
+Epochs: a DALI reader shuffles inside a buffer and cannot be re-seeded, so each epoch builds a fresh
+pipeline. Its tar order is a permutation drawn from (seed, epoch), the same on every rank so the
+ranks' slices stay disjoint and change every epoch; its shuffle buffer and augmentation draws are
+seeded from (seed, rank, epoch).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from nvidia.dali import fn, types
+from nvidia.dali import math as dmath
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+from shards.manifest import ShardError
+
+from .config import (IMAGENET_MEAN_255, IMAGENET_STD_255, LIGHTING_STD, LoaderConfig, derive_seed,
+                     lighting_matrix_255)
+from .shardset import ShardSet, eval_steps, rank_range, train_steps
+
+# NVIDIA's ImageNet settings for the nvJPEG decoder (DALI's ResNet-50 example): preallocate for the
+# largest ImageNet image (6430 x 5980) so no batch reallocates mid-epoch, and give the A100-class
+# hardware decoder 75 % of the images (DALI issue 5362). Unmeasured here: this machine has no GPU.
+GPU_DECODER_SETTINGS = dict(
+    device_memory_padding=211_025_920,
+    host_memory_padding=140_544_512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+    hw_decoder_load=0.75,
+)
+
+TEN_CROP_POSITIONS = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0), (0.5, 0.5))  # (y, x): TL TR BL BR C
+
+_DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
+
+
+def _paper_window(jpegs, frac: float):
+    """Section 4.1's crop as one window in the original image.
+
+    "Shorter side to 256, centre 256x256, random 224x224" equals a random square of side
+    s * 224/256 inside the central s x s square (s = the shorter side), resized to 224. Decoding
+    only that window (ROI decoding) skips the pixels the crop throws away.
+    Returns (x0, y0, side, width, height) as float DataNodes, whole pixels.
+    """
+    shape = fn.peek_image_shape(jpegs)                           # (H, W, C) before decoding
+    h = fn.cast(shape[0], dtype=types.FLOAT)
+    w = fn.cast(shape[1], dtype=types.FLOAT)
+    s = dmath.min(h, w)
+    side = dmath.floor(s * frac)
+    x0 = dmath.floor((w - s) * 0.5 + fn.random.uniform(range=[0.0, 1.0]) * (s - side))
+    y0 = dmath.floor((h - s) * 0.5 + fn.random.uniform(range=[0.0, 1.0]) * (s - side))
+    return x0, y0, side, w, h
+
+
+def _lighting_mean(enabled: bool):
+    """The paper's PCA lighting folded into normalisation (../shared/FACTS.md section 4).
+
+    shift = V diag(lambda) alpha * 255 with alpha ~ N(0, 0.1)^3 drawn per image, and
+    (x + shift - mean) / std == (x - (mean - shift)) / std, so the per-sample ``mean`` of
+    crop_mirror_normalize carries it at no extra pass over the pixels (and, like the paper, without
+    clipping at 0/255). Disabled, alpha has std 0: the graph keeps its shape, so the other
+    operators' random streams, hence crops and flips, do not change with the flag.
+    """
+    alpha = fn.random.normal(shape=[3], stddev=LIGHTING_STD if enabled else 0.0)
+    shift = fn.coord_transform(fn.reshape(alpha, shape=[1, 3]),
+                               M=lighting_matrix_255().astype(np.float32).flatten().tolist())
+    shift = fn.reshape(shift, shape=[3])
+    return types.Constant(np.array(IMAGENET_MEAN_255, dtype=np.float32)) - shift, shift
+
+
+def _graph(cfg: LoaderConfig, paths: list[str], index_paths: list[str], *, train: bool, seed: int,
+           debug: bool):
+    jpegs, cls = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
+        random_shuffle=train, initial_fill=cfg.shuffle_buffer, seed=seed,
+        shard_id=cfg.rank, num_shards=cfg.world_size, stick_to_shard=True, name="reader")
+    gpu = cfg.device_id is not None
+    decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB,
+                  **(GPU_DECODER_SETTINGS if gpu else {}))
+    norm = dict(std=list(IMAGENET_STD_255), dtype=_DALI_DTYPES[cfg.dtype],
+                output_layout="CHW" if cfg.layout == "NCHW" else "HWC")
+    size = cfg.image_size
+    extras = []
+    if train:
+        if cfg.crop == "paper":
+            x0, y0, side, w, h = _paper_window(jpegs, cfg.crop_fraction)
+            images = fn.decoders.image_slice(jpegs, fn.stack(x0, y0), fn.stack(side, side), axis_names="WH",
+                                             normalized_anchor=False, normalized_shape=False, **decode)
+            extras = [fn.stack(x0, y0, side, w, h)]
+        else:
+            images = fn.decoders.image_random_crop(jpegs, random_area=[0.08, 1.0],
+                                                   random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+                                                   **decode)
+        images = fn.resize(images, size=[size, size], antialias=True)
+        mirror = fn.random.coin_flip(probability=0.5 if cfg.flip else 0.0, dtype=types.INT32)
+        mean, shift = _lighting_mean(cfg.use_lighting)
+        images = fn.crop_mirror_normalize(images, mean=mean, mirror=mirror, **norm)
+        extras += [mirror, shift]
+    else:
+        images = fn.decoders.image(jpegs, **decode)
+        images = fn.resize(images, resize_shorter=cfg.resize_shorter, antialias=True)
+        mean = list(IMAGENET_MEAN_255)
+        if cfg.ten_crop:
+            square = fn.crop(images, crop=(cfg.resize_shorter, cfg.resize_shorter))
+            patches = [fn.crop_mirror_normalize(square, crop=(size, size), crop_pos_y=py, crop_pos_x=px,
+                                                mirror=m, mean=mean, **norm)
+                       for m in (0, 1) for py, px in TEN_CROP_POSITIONS]
+            images = fn.stack(*patches, axis=0)
+        else:
+            images = fn.crop_mirror_normalize(images, crop=(size, size), mean=mean, **norm)
+    if debug:
+        extras.append(fn.get_property(jpegs, key="source_info"))
+        return (images, cls, *extras)
+    return images, cls
+
+
+def build_pipeline(cfg: LoaderConfig, shardset: ShardSet, *, train: bool, epoch: int = 0,
+                   debug: bool = False) -> Pipeline:
+    """The DALI graph for one epoch of ``cfg.rank``, built and ready to ``run()``.
+
+    Outputs ``(images, cls_bytes)``; with ``debug`` also, for training, the paper window
+    ``(x0, y0, side, W, H)`` (paper crop only), the mirror flag and the lighting shift (RGB, 0-255),
+    and last the sample's ``source_info`` (``tar:offset:name``).
+    """
+    shards = shardset.ordered(derive_seed(cfg.seed, epoch) if train else None)
+    seed = derive_seed(cfg.seed, cfg.rank, epoch)
+    pipe = Pipeline(batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=cfg.device_id,
+                    seed=seed, prefetch_queue_depth=cfg.prefetch)
+    with pipe:
+        pipe.set_outputs(*_graph(cfg, [s.tar for s in shards], [s.index for s in shards], train=train,
+                                 seed=seed, debug=debug))
+    try:
+        pipe.build()
+    except RuntimeError as e:
+        raise _shard_error(e, shardset) from None
+    return pipe
+
+
+def _shard_error(exc: Exception, shardset: ShardSet) -> ShardError:
+    """DALI's multi-line error, reduced to one line that names the shard it mentions."""
+    text = str(exc)
+    tar = next((shardset.shard_of(m) for m in re.findall(r"(/\S+?\.tar)", text)), None)
+    first = next((ln.strip() for ln in text.splitlines() if "rror" in ln and ln.strip()), text.strip())
+    where = tar or shardset.root
+    return ShardError(f"{where}: DALI failed reading this split ({first[:300]}); "
+                      f"check it with `python -m shards verify {shardset.root}`")
+
+
+def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """Copy a dense DALI batch into a new torch tensor on ``device``."""
+    dense = tensor_list.as_tensor()
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(dense, out, cuda_stream=stream)
+    return out
+
+
+def parse_labels(cls_batch) -> torch.Tensor:
+    """The ``cls`` components (decimal ASCII, e.g. b"7") as an int64 tensor."""
+    return torch.tensor([int(np.array(cls_batch[i]).tobytes()) for i in range(len(cls_batch))],
+                        dtype=torch.int64)
+
+
+def finish_images(images: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:
+    """DALI hands out NCHW or NHWC bytes; give torch (B, [10,] C, H, W) in the asked memory format."""
+    if cfg.layout == "NHWC":
+        images = images.movedim(-1, -3)          # a view: logically CHW, channels-last in memory
+    if cfg.dtype == "bfloat16":                  # DALI has no bfloat16; convert on the device
+        images = images.to(torch.bfloat16)
+    return images
+
+
+class _DaliLoader:
+    def __init__(self, cfg: LoaderConfig, *, train: bool):
+        self.cfg = cfg
+        self.train = train
+        self.shardset = ShardSet.open(cfg.shard_dir)
+        self.device = torch.device(cfg.device)
+        self.epoch = 0
+        n, ws, b = self.shardset.num_samples, cfg.world_size, cfg.batch_size
+        self.steps = train_steps(n, ws, b) if train else eval_steps(n, ws, b)
+        if self.steps < 1:
+            raise ValueError(f"LoaderConfig.batch_size={b}: {cfg.shard_dir} has {n} samples, fewer than "
+                             f"one batch per rank for world_size={ws}; lower batch_size")
+        start, stop = rank_range(n, cfg.rank, ws)
+        self.rank_samples = stop - start
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _batches(self):
+        pipe = build_pipeline(self.cfg, self.shardset, train=self.train, epoch=self.epoch)
+        try:
+            for _ in range(self.steps):
+                try:
+                    images, cls = pipe.run()
+                except RuntimeError as e:
+                    raise _shard_error(e, self.shardset) from None
+                labels = parse_labels(cls).to(self.device, non_blocking=True)
+                yield finish_images(to_torch(images, self.device), self.cfg), labels
+        finally:
+            del pipe
+
+
+class DaliTrainLoader(_DaliLoader):
+    """``len(loader)`` full batches of ``(images, labels)`` per epoch, identical on every rank."""
+
+    def __init__(self, cfg: LoaderConfig):
+        super().__init__(cfg, train=True)
+
+    def __iter__(self):
+        yield from self._batches()
+
+
+class DaliEvalLoader(_DaliLoader):
+    """``(images, labels, mask)``: the rank's slice in stored order, padded to ``len(loader)``
+    batches on every rank; ``mask`` is False on the padding rows."""
+
+    def __init__(self, cfg: LoaderConfig):
+        super().__init__(cfg, train=False)
+
+    def __iter__(self):
+        b = self.cfg.batch_size
+        for step, (images, labels) in enumerate(self._batches()):
+            position = torch.arange(step * b, (step + 1) * b)
+            yield images, labels, (position < self.rank_samples).to(self.device)

@@ -1,0 +1,309 @@
+"""The reference loader: the same augmentations with Pillow + webdataset + a torch DataLoader.
+
+It is the oracle for the DALI tests, the baseline of ``python -m pipeline bench`` and the fallback
+where DALI is not installed (``--loader reference``): nothing here imports DALI.
+
+It reads the same slice of the same tars as the DALI loader for a given (rank, epoch): the tar order
+and the rank split (:mod:`pipeline.shardset`) are shared, so the two loaders see the same images.
+The work is small generator stages over samples (each tested on plain lists), run in
+``cfg.num_workers`` DataLoader processes that take turns by whole batches, so batches come back in
+stored order for evaluation.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from shards.manifest import ShardError
+
+from .config import (IMAGENET_MEAN_255, IMAGENET_STD_255, LIGHTING_STD, LoaderConfig, derive_seed,
+                     lighting_matrix_255)
+from .shardset import Shard, ShardSet, eval_steps, rank_range, train_steps
+
+_MEAN = np.array(IMAGENET_MEAN_255, dtype=np.float32)
+_STD = np.array(IMAGENET_STD_255, dtype=np.float32)
+_LIGHTING = lighting_matrix_255().astype(np.float32)
+
+
+# --- stages over samples ------------------------------------------------------------------------
+
+def read_range(shards: list[Shard], start: int, stop: int) -> Iterator[tuple[int, dict]]:
+    """``(position, sample)`` for positions in [start, stop) of the tars read in order; tars wholly
+    outside the range are not opened. Positions are relative to ``start``."""
+    first = 0
+    for shard in shards:
+        last = first + shard.count
+        if last > start and first < stop:
+            position = first
+            try:
+                for sample in tarfile_samples([{"url": shard.tar}]):
+                    if start <= position < stop:
+                        yield position - start, sample
+                    position += 1
+                    if position >= stop:
+                        break
+            except ShardError:
+                raise
+            except Exception as e:  # tarfile / webdataset errors: name the shard, keep one line
+                raise ShardError(f"{shard.tar}: unreadable at sample {position - first} "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); rebuild the split "
+                                 f"with `python -m shards build`") from None
+        first = last
+        if first >= stop:
+            break
+
+
+def take_turns(items: Iterable[tuple[int, dict]], worker: int, num_workers: int,
+               chunk: int) -> Iterator[tuple[int, dict]]:
+    """Keep the positions of whole chunks ``k`` with ``k % num_workers == worker``: workers take
+    turns by batch, so a DataLoader, which also takes turns, returns them in stored order."""
+    for position, item in items:
+        if (position // chunk) % num_workers == worker:
+            yield position, item
+
+
+def buffer_shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Shuffle through a buffer of ``size`` items, like DALI's reader (``initial_fill``)."""
+    buffer = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            k = rng.randrange(len(buffer))
+            buffer[k], buffer[-1] = buffer[-1], buffer[k]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def rebatch(batches: Iterable[tuple[torch.Tensor, ...]], size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Regroup a stream of batches (of any sizes) into batches of exactly ``size`` rows; a partial
+    remainder comes last."""
+    pending, count = [], 0
+    for batch in batches:
+        pending.append(batch)
+        count += len(batch[0])
+        while count >= size:
+            joined = [torch.cat(parts) for parts in zip(*pending)]
+            yield tuple(t[:size] for t in joined)
+            rest = tuple(t[size:] for t in joined)
+            count -= size
+            pending = [rest] if count else []
+    if count:
+        yield tuple(torch.cat(parts) for parts in zip(*pending))
+
+
+# --- one image ----------------------------------------------------------------------------------
+
+def decode(sample: dict, shard_of_url) -> tuple[Image.Image, int]:
+    url = sample.get("__url__", "?")
+    for need in ("jpg", "cls"):
+        if need not in sample:
+            raise ShardError(f"{shard_of_url(url)}: sample {sample.get('__key__')} has no {need!r} component; "
+                             "rebuild the split with `python -m shards build`")
+    try:
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        image = image.convert("RGB")
+        label = int(sample["cls"])
+    except Exception as e:
+        raise ShardError(f"{shard_of_url(url)}: sample {sample.get('__key__')} is unreadable "
+                         f"({type(e).__name__}: {e}); rebuild the split with `python -m shards build`") from None
+    return image, label
+
+
+def paper_window(width: int, height: int, frac: float, ux: float, uy: float) -> tuple[int, int, int]:
+    """Section 4.1's crop in original pixels (same arithmetic as the DALI graph): a square of side
+    floor(s * frac) at a uniform position inside the central s x s square, s = the shorter side."""
+    s = min(width, height)
+    side = math.floor(s * frac)
+    x0 = math.floor((width - s) * 0.5 + ux * (s - side))
+    y0 = math.floor((height - s) * 0.5 + uy * (s - side))
+    return x0, y0, side
+
+
+def rrc_window(width: int, height: int, rng: random.Random, area=(0.08, 1.0),
+               ratio=(3 / 4, 4 / 3), attempts: int = 10) -> tuple[int, int, int, int]:
+    """Random-resized-crop's window (x0, y0, w, h): torchvision's sampling, centre crop fallback."""
+    total = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        target = total * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    if w <= h:
+        return image.resize((size, max(1, round(h * size / w))), Image.BILINEAR)
+    return image.resize((max(1, round(w * size / h)), size), Image.BILINEAR)
+
+
+def crop_at(image: Image.Image, size: int, pos_x: float, pos_y: float, mirror: bool = False) -> Image.Image:
+    """A size x size crop at a normalised position, rounded like DALI's crop_mirror_normalize."""
+    w, h = image.size
+    x0, y0 = math.floor(pos_x * (w - size) + 0.5), math.floor(pos_y * (h - size) + 0.5)
+    patch = image.crop((x0, y0, x0 + size, y0 + size))
+    return patch.transpose(Image.FLIP_LEFT_RIGHT) if mirror else patch
+
+
+def normalize(image: Image.Image, shift: np.ndarray | None = None) -> torch.Tensor:
+    """HWC uint8 -> CHW float32, (x + shift - mean) / std."""
+    pixels = np.asarray(image, dtype=np.float32)
+    if shift is not None:
+        pixels = pixels + shift
+    return torch.from_numpy(np.ascontiguousarray(((pixels - _MEAN) / _STD).transpose(2, 0, 1)))
+
+
+def train_transform(image: Image.Image, cfg: LoaderConfig, rng: random.Random) -> torch.Tensor:
+    w, h = image.size
+    size = cfg.image_size
+    if cfg.crop == "paper":
+        x0, y0, side = paper_window(w, h, cfg.crop_fraction, rng.random(), rng.random())
+        box = (x0, y0, x0 + side, y0 + side)
+    else:
+        x0, y0, cw, ch = rrc_window(w, h, rng)
+        box = (x0, y0, x0 + cw, y0 + ch)
+    image = image.resize((size, size), Image.BILINEAR, box=box)
+    if cfg.flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    shift = None
+    if cfg.use_lighting:
+        shift = _LIGHTING @ np.array([rng.gauss(0.0, LIGHTING_STD) for _ in range(3)], dtype=np.float32)
+    return normalize(image, shift)
+
+
+TEN_CROP_POSITIONS = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0), (0.5, 0.5))  # (y, x): TL TR BL BR C
+
+
+def eval_transform(image: Image.Image, cfg: LoaderConfig) -> torch.Tensor:
+    image = resize_shorter(image, cfg.resize_shorter)
+    if not cfg.ten_crop:
+        return normalize(crop_at(image, cfg.image_size, 0.5, 0.5))
+    square = crop_at(image, cfg.resize_shorter, 0.5, 0.5)
+    return torch.stack([normalize(crop_at(square, cfg.image_size, px, py, bool(m)))
+                        for m in (0, 1) for py, px in TEN_CROP_POSITIONS])
+
+
+# --- the dataset and the loaders ----------------------------------------------------------------
+
+class _RankSlice(IterableDataset):
+    """The rank's slice for one epoch, split among DataLoader workers by whole batches."""
+
+    def __init__(self, cfg: LoaderConfig, shardset: ShardSet, train: bool, epoch: int):
+        self.cfg, self.shardset, self.train, self.epoch = cfg, shardset, train, epoch
+
+    def __iter__(self):
+        cfg = self.cfg
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shards = self.shardset.ordered(derive_seed(cfg.seed, self.epoch) if self.train else None)
+        start, stop = rank_range(self.shardset.num_samples, cfg.rank, cfg.world_size)
+        items = take_turns(read_range(shards, start, stop), worker, workers, cfg.batch_size)
+        rng = random.Random(derive_seed(cfg.seed, cfg.rank, self.epoch, worker))
+        if self.train:
+            items = buffer_shuffle(items, max(1, cfg.shuffle_buffer // workers), rng)
+        for position, sample in items:
+            image, label = decode(sample, self.shardset.shard_of)
+            pixels = train_transform(image, cfg, rng) if self.train else eval_transform(image, cfg)
+            yield pixels, label, position
+
+
+def _one_line(e: Exception) -> ShardError:
+    """A ShardError raised in a worker comes back wrapped in a traceback; keep its own line."""
+    for line in reversed(str(e).splitlines()):
+        if line.startswith("shards.manifest.ShardError: "):
+            return ShardError(line.split(": ", 1)[1])
+    return ShardError(str(e).strip().splitlines()[-1])
+
+
+class _ReferenceLoader:
+    def __init__(self, cfg: LoaderConfig, *, train: bool):
+        self.cfg, self.train = cfg, train
+        self.shardset = ShardSet.open(cfg.shard_dir)
+        self.device = torch.device(cfg.device)
+        self.epoch = 0
+        n, ws, b = self.shardset.num_samples, cfg.world_size, cfg.batch_size
+        self.steps = train_steps(n, ws, b) if train else eval_steps(n, ws, b)
+        if self.steps < 1:
+            raise ValueError(f"LoaderConfig.batch_size={b}: {cfg.shard_dir} has {n} samples, fewer than "
+                             f"one batch per rank for world_size={ws}; lower batch_size")
+        start, stop = rank_range(n, cfg.rank, ws)
+        self.rank_samples = stop - start
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _batches(self):
+        cfg = self.cfg
+        loader = DataLoader(_RankSlice(cfg, self.shardset, self.train, self.epoch), batch_size=cfg.batch_size,
+                            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                            prefetch_factor=2 if cfg.num_workers else None)
+        try:
+            yield from rebatch(loader, cfg.batch_size)
+        except ShardError as e:
+            raise _one_line(e) from None
+
+    def _finish(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.cfg.layout == "NHWC":
+            images = images.movedim(-3, -1).contiguous().movedim(-1, -3)
+        return images.to({"float32": torch.float32, "float16": torch.float16,
+                          "bfloat16": torch.bfloat16}[self.cfg.dtype])
+
+
+class ReferenceTrainLoader(_ReferenceLoader):
+    def __init__(self, cfg: LoaderConfig):
+        super().__init__(cfg, train=True)
+
+    def __iter__(self):
+        for step, (images, labels, _) in enumerate(self._batches()):
+            if step == self.steps:
+                break
+            yield self._finish(images), labels.to(self.device)
+
+
+class ReferenceEvalLoader(_ReferenceLoader):
+    def __init__(self, cfg: LoaderConfig):
+        super().__init__(cfg, train=False)
+
+    def __iter__(self):
+        cfg, step = self.cfg, 0
+        b, size = cfg.batch_size, cfg.image_size
+        for images, labels, _ in self._batches():
+            yield self._pad(images, labels)
+            step += 1
+        shape = (b, 10, 3, size, size) if cfg.ten_crop else (b, 3, size, size)
+        while step < self.steps:  # ranks with fewer images still run len(loader) steps
+            yield self._finish(torch.zeros(shape)), torch.zeros(b, dtype=torch.int64, device=self.device), \
+                torch.zeros(b, dtype=torch.bool, device=self.device)
+            step += 1
+
+    def _pad(self, images, labels):
+        b, n = self.cfg.batch_size, len(labels)
+        mask = torch.arange(b) < n
+        if n < b:
+            images = torch.cat([images, images.new_zeros((b - n, *images.shape[1:]))])
+            labels = torch.cat([labels, labels.new_zeros(b - n)])
+        return self._finish(images), labels.to(self.device), mask.to(self.device)

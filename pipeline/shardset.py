@@ -1,0 +1,121 @@
+"""What both loaders know about a shard directory before reading a single image.
+
+The manifest and the DALI index files say how many samples each tar holds, where each component
+sits and how long the tar must be. Checking them up front turns a truncated shard or a sample
+without a label into a one-line error naming the shard, instead of a failure deep inside DALI or a
+DataLoader worker. The partition helpers are pure functions so they are tested on plain numbers.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards.manifest import ShardError, load_classes, load_manifest
+
+REQUIRED_COMPONENTS = ("jpg", "cls")
+
+
+@dataclass(frozen=True)
+class Shard:
+    tar: str      # absolute path of the .tar
+    index: str    # absolute path of its DALI index
+    count: int    # samples in it
+
+
+# --- partitions (pure) --------------------------------------------------------------------------
+
+def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The [start, stop) sample positions of ``rank``: DALI's own split of a reader into shards."""
+    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+
+
+def train_steps(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Full batches per epoch, the same on every rank: the smallest rank's share, last batch dropped."""
+    return (num_samples // world_size) // batch_size
+
+
+def eval_steps(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Batches per eval pass on every rank: enough for the largest rank's share, the rest masked."""
+    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
+
+
+def shard_order(num_shards: int, seed: int | None) -> list[int]:
+    """The order the tars are read in: as stored for eval (``seed=None``), else a permutation
+    that is the same on every rank (so the ranks' slices stay disjoint) and new every epoch."""
+    import random
+
+    order = list(range(num_shards))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    return order
+
+
+# --- the shard directory ------------------------------------------------------------------------
+
+def _parse_index(path: Path, tar: Path, expected: int, tar_bytes: int) -> None:
+    """Check a DALI index (``v1.2 N`` then per sample ``ext offset size [name]`` groups)."""
+    fix = f"rebuild the split with `python -m shards build` (or `python -m shards verify {tar.parent}`)"
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardError(f"{tar}: cannot read its index {path.name} ({e}); {fix}") from None
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
+        raise ShardError(f"{tar}: index {path.name} has no 'v1.x N' header; {fix}")
+    step = 4 if head[0] >= "v1.2" else 3
+    if int(head[1]) != expected or len(lines) - 1 != expected:
+        raise ShardError(f"{tar}: index lists {len(lines) - 1} samples, manifest.json says {expected}; {fix}")
+    for i, line in enumerate(lines[1:]):
+        fields = line.split()
+        exts = fields[0::step]
+        for need in REQUIRED_COMPONENTS:
+            if need not in exts:
+                name = fields[3] if step == 4 and len(fields) > 3 else f"#{i}"
+                raise ShardError(f"{tar}: sample {i} ({name.rsplit('.', 1)[0]}) has no {need!r} "
+                                 f"component; every sample needs {'+'.join(REQUIRED_COMPONENTS)}; {fix}")
+        ends = [int(fields[k + 1]) + int(fields[k + 2]) for k in range(0, len(fields), step)]
+        if max(ends) > tar_bytes:
+            raise ShardError(f"{tar}: truncated ({tar_bytes} bytes, sample {i} ends at {max(ends)}); {fix}")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A validated shard directory: its tars in stored order, their counts and the class names."""
+
+    root: str
+    split: str
+    shards: tuple[Shard, ...]
+    classes: tuple[str, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    @classmethod
+    def open(cls, shard_dir: str | os.PathLike) -> "ShardSet":
+        root = Path(shard_dir).resolve()
+        manifest = load_manifest(root)
+        classes = tuple(load_classes(root))
+        fix = f"rebuild the split with `python -m shards build` (check with `python -m shards verify {root}`)"
+        shards = []
+        for entry in manifest["shards"]:
+            tar, index = root / entry["name"], root / entry["index"]
+            size = tar.stat().st_size
+            if size != entry["bytes"]:
+                what = "truncated" if size < entry["bytes"] else "changed"
+                raise ShardError(f"{tar}: {what} ({size} bytes, manifest.json says {entry['bytes']}); {fix}")
+            _parse_index(index, tar, entry["count"], size)
+            shards.append(Shard(str(tar), str(index), int(entry["count"])))
+        return cls(str(root), manifest["split"], tuple(shards), classes)
+
+    def ordered(self, seed: int | None) -> list[Shard]:
+        return [self.shards[i] for i in shard_order(len(self.shards), seed)]
+
+    def shard_of(self, path: str) -> str:
+        """The tar a DALI ``source_info`` (``/dir/x.tar:offset:name``) or webdataset url points at."""
+        for s in self.shards:
+            if path.startswith(s.tar):
+                return s.tar
+        return path
