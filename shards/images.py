@@ -64,14 +64,19 @@ def prepare_image(data: bytes, cfg: EncodeConfig) -> tuple[bytes, int, int]:
             raise Rejected(f"unreadable image header: {type(e).__name__}: {e}") from None
         fmt, (width, height) = img.format, img.size
         out_w, out_h = target_size(width, height, cfg)
-        if (out_w, out_h) != (width, height) and fmt == "JPEG":
+        keep = fmt == "JPEG" and img.mode == "RGB" and (out_w, out_h) == (width, height)
+        if keep:
+            # The bytes are kept, the decode only proves them sound: at 1/8 scale libjpeg still reads
+            # every entropy-coded block (so truncation and corruption still fail) but skips most IDCT work.
+            img.draft("RGB", ((width + 7) // 8, (height + 7) // 8))
+        elif (out_w, out_h) != (width, height) and fmt == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the target: much faster.
             img.draft("RGB", (out_w, out_h))
         try:
             img.load()  # full decode: catches truncated and corrupt files
         except Exception as e:  # noqa: BLE001
             raise Rejected(f"truncated or corrupt {fmt or 'image'} data: {e}") from None
-        if fmt == "JPEG" and img.mode == "RGB" and (out_w, out_h) == (width, height):
+        if keep:
             return data, width, height
         try:
             if img.mode != "RGB":
