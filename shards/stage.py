@@ -212,6 +212,42 @@ def stage(src: str, dest: str | os.PathLike, *, workers: int = 4, progress: bool
     return report
 
 
+def source_classes(src: str) -> list[str]:
+    """Class names in index order of the shard directory ``src`` (path or URL), reading only classes.json.
+
+    Lets a driver check train/val agree before any node has staged anything."""
+    fs, root = open_source(src)
+    with tempfile.TemporaryDirectory(prefix="shards-classes-") as scratch:
+        local = Path(scratch) / "classes.json"
+        try:
+            fs.get_file(f"{root.rstrip('/')}/classes.json", str(local))
+        except FileNotFoundError:
+            raise ShardError(f"{src.rstrip('/')}/classes.json: not found; SRC must be a shard directory "
+                             f"written by `python -m shards build`") from None
+        try:
+            return [e["name"] for e in read_classes_file(local)]
+        except ShardError as e:
+            raise ShardError(str(e).replace(str(local), f"{src.rstrip('/')}/classes.json")) from None
+
+
+def stage_once_per_node(stage_to: str, splits: dict[str, str], local_rank: int) -> dict[str, str]:
+    """Stage each ``{split: src}`` to ``stage_to/split`` from inside a distributed training worker.
+
+    Only the worker with local rank 0 copies (one copy per node, not one per GPU); every rank then waits
+    at a ``torch.distributed`` barrier, so no rank opens a shard before its node's copy is complete.
+    Returns ``{split: local dir}``. If the copy fails, that worker raises and the others are stopped
+    with the group (Ray Train restarts it, and the rerun only copies what is missing)."""
+    local = {split: str(Path(stage_to) / split) for split in splits}
+    if local_rank == 0:
+        for split, src in splits.items():
+            print(stage(src, local[split], progress=False).summary(local[split]), flush=True)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return local
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("stage", help="copy a shard directory to local disk, checking sha256",
                               description=__doc__.split("\n\n")[0])

@@ -134,3 +134,38 @@ def test_stage_names_the_package_for_a_missing_protocol(tmp_path):
     assert r.returncode != 0
     assert r.stderr.strip().endswith("; pip install s3fs")
     assert not (tmp_path / "local").exists()
+
+
+def test_source_classes_reads_only_classes_json(remote, digits_shards):
+    from shards.manifest import load_classes
+    from shards.stage import source_classes
+
+    assert source_classes(remote.as_uri()) == load_classes(digits_shards.train)
+    with pytest.raises(ShardError, match=r"/nowhere/classes.json: not found"):
+        source_classes(str(remote.parent / "nowhere"))
+
+
+def _stage_rank(rank: int, init_file: str, src: str, stage_to: str, seen: str) -> None:
+    import torch.distributed as dist
+
+    from shards.stage import stage_once_per_node
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        local = stage_once_per_node(stage_to, {"train": src}, local_rank=rank)
+        # past the barrier: the node's copy is complete for every rank, not only the one that made it
+        Path(seen, f"rank{rank}").write_text(str(load_manifest(local["train"])["num_samples"]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stage_once_per_node_copies_on_local_rank_0_and_others_wait(remote, tmp_path):
+    import torch.multiprocessing as mp
+
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    mp.spawn(_stage_rank, args=(str(tmp_path / "init"), str(remote), str(tmp_path / "node"), str(seen)),
+             nprocs=2, join=True)
+    n = json.loads((remote / "manifest.json").read_text())["num_samples"]
+    assert {p.name: int(p.read_text()) for p in seen.iterdir()} == {"rank0": n, "rank1": n}
+    assert files_of(tmp_path / "node" / "train") == files_of(remote)
