@@ -25,7 +25,7 @@ INPUT_FORMS = ("auto", "folders", "imagenet-tar", "csv")
 LOC_HEADER = ("ImageId", "PredictionString")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     file: str                 # source file name, relative to SOURCE (stored in the sample's json)
     label: str                # original label name (wnid, folder name, CSV value)
@@ -42,15 +42,20 @@ class Source:
     labels: list[str]         # every label the source names (class folders count even when empty)
 
 
-def read_item_bytes(item: Item, _handles: dict = {}) -> bytes:  # noqa: B006 - per-process file cache
+_TAR_FDS: dict[str, int] = {}  # open tars, kept across items; pread has no shared offset, so forks are safe
+
+
+def read_item_bytes(item: Item) -> bytes:
     if item.offset < 0:
         with open(item.path, "rb") as f:
             return f.read()
-    f = _handles.get(item.path)
-    if f is None:
-        f = _handles[item.path] = open(item.path, "rb")
-    f.seek(item.offset)
-    return f.read(item.size)
+    fd = _TAR_FDS.get(item.path)
+    if fd is None:
+        fd = _TAR_FDS[item.path] = os.open(item.path, os.O_RDONLY)
+    data = os.pread(fd, item.size, item.offset)
+    if len(data) != item.size:
+        raise OSError(f"{item.path}: ends before byte {item.offset + item.size} (truncated tar)")
+    return data
 
 
 def unsafe_member_name(name: str) -> str:
