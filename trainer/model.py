@@ -24,6 +24,9 @@ layers. ``trainer/parallel.py`` places the two columns on two devices without ch
 The paper's "224x224" input does not tile: (224 - 11) / 4 + 1 is not whole. Padding conv1 by 2 (as
 torchvision does) gives the paper's 55x55 maps; a 227 input without padding gives the same sizes.
 With 1000 classes the network has 60,965,224 parameters.
+
+``image_size`` (default 224) only changes fc6's input size: the feature maps into fc6 are
+``feature_map_size(image_size)`` squared (6 x 6 at 224). Smaller inputs make CPU runs and tests cheaper.
 """
 from __future__ import annotations
 
@@ -54,6 +57,16 @@ def scaled_widths(width: float) -> dict[str, int]:
     return {name: max(COLUMNS, COLUMNS * round(base * width / COLUMNS)) for name, base in PAPER_WIDTHS.items()}
 
 
+def feature_map_size(image_size: int) -> int:
+    """Side of conv5's pooled maps for a square input: conv1 (11, stride 4, pad 2) and three 3/2 pools."""
+    side = (image_size + 2 * 2 - 11) // 4 + 1
+    for _ in range(3):
+        side = (side - POOL_SIZE) // POOL_STRIDE + 1
+    if side < 1:
+        raise ValueError(f"image_size {image_size} is too small for AlexNet; use at least 63")
+    return side
+
+
 class ColumnLRN(nn.Module):
     """Response normalisation across adjacent kernel maps *within each column* (section 3.3).
 
@@ -81,19 +94,20 @@ class AlexNet(nn.Module):
     """The paper's eight learned layers. ``width`` scales every conv and fc width (1.0 = the paper)."""
 
     def __init__(self, num_classes: int = 1000, width: float = 1.0, dropout: float = DROPOUT,
-                 init: str = "paper"):
+                 init: str = "paper", image_size: int = 224):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         w = scaled_widths(width)
-        self.num_classes, self.width, self.widths = num_classes, width, w
+        self.num_classes, self.width, self.widths, self.image_size = num_classes, width, w, image_size
+        side = feature_map_size(image_size)
         g = COLUMNS
         self.conv1 = nn.Conv2d(3, w["conv1"], kernel_size=11, stride=4, padding=2)
         self.conv2 = nn.Conv2d(w["conv1"], w["conv2"], kernel_size=5, padding=2, groups=g)
         self.conv3 = nn.Conv2d(w["conv2"], w["conv3"], kernel_size=3, padding=1)  # sees both columns
         self.conv4 = nn.Conv2d(w["conv3"], w["conv4"], kernel_size=3, padding=1, groups=g)
         self.conv5 = nn.Conv2d(w["conv4"], w["conv5"], kernel_size=3, padding=1, groups=g)
-        self.fc6 = nn.Linear(w["conv5"] * 6 * 6, w["fc6"])  # sees both columns
+        self.fc6 = nn.Linear(w["conv5"] * side * side, w["fc6"])  # sees both columns
         self.fc7 = nn.Linear(w["fc6"], w["fc7"])             # sees both columns
         self.fc8 = nn.Linear(w["fc7"], num_classes)
         self.lrn = ColumnLRN(g)
