@@ -169,3 +169,14 @@ def test_stage_once_per_node_copies_on_local_rank_0_and_others_wait(remote, tmp_
     n = json.loads((remote / "manifest.json").read_text())["num_samples"]
     assert {p.name: int(p.read_text()) for p in seen.iterdir()} == {"rank0": n, "rank1": n}
     assert files_of(tmp_path / "node" / "train") == files_of(remote)
+
+
+def test_trainer_config_takes_a_url_source_only_with_stage_to(tmp_path):
+    from trainer.config import build_config
+
+    flags = {"data.train": "s3://bucket/imagenet/train", "data.val": "s3://bucket/imagenet/val",
+             "run.out": str(tmp_path / "run")}
+    with pytest.raises(ValueError, match="data.train: s3://bucket/imagenet/train is not a directory"):
+        build_config(None, None, flags, [])
+    cfg = build_config(None, None, {**flags, "data.stage_to": str(tmp_path / "node")}, [])
+    assert cfg.data.stage_to == str(tmp_path / "node")

@@ -29,6 +29,9 @@ import yaml
 class DataConfig:
     train: str = ""                 # shard directory (python -m shards build)
     val: str = ""
+    # --stage-to DIR: train/val are then sources (paths or s3://, gs://, file:// URLs) that each node copies
+    # to DIR/train, DIR/val before training (shards.stage.stage_once_per_node; see cluster/)
+    stage_to: str = ""
     loader: Literal["dali", "reference"] = "dali"
     crop: Literal["paper", "rrc"] = "paper"
     lighting: bool = True           # the paper's PCA lighting (section 4.1)
@@ -152,7 +155,7 @@ class Config:
                 path = getattr(d, key)
                 if not path:
                     raise ValueError(f"data.{key} is not set: pass --{key} SHARD_DIR (a `python -m shards build` output)")
-                if not Path(path).is_dir():
+                if not d.stage_to and not Path(path).is_dir():  # a staged source is checked by fit()
                     raise ValueError(f"data.{key}: {path} is not a directory; build it with `python -m shards build`")
             if not r.out:
                 raise ValueError("run.out is not set: pass --out RUN_DIR")
