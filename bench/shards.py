@@ -9,7 +9,8 @@ size of an ILSVRC-2012 image, 8 real wnids). Both sides get the same files, alre
 - resize mode: ``build --resize-shorter 256 --workers 2`` vs a loop that decodes, resizes (shorter side
   256, bicubic) and re-encodes each image with Pillow in one process, then writes it.
 
-The figure is the ratio of the two, measured one after the other in the same run. Usage:
+The figure is the ratio of the two, measured one after the other in the same run (``build --workers 1``
+is shown too, to separate the per-image cost from the parallelism). Usage:
     python bench/shards.py [--per-class 60] [--workers 2]
 """
 from __future__ import annotations
@@ -88,14 +89,18 @@ def main() -> None:
         print(f"{n} JPEGs ({mb:.1f} MB, 300-500 px a side) on {os.cpu_count()} CPUs, "
               f"{platform.processor() or platform.machine()}, {date.today()}")
         rows = []
+        load = os.getloadavg()
         for mode, resize in (("copy", None), ("resize-shorter 256", 256)):
             base_s = baseline(files, tmp / f"base_{resize}", resize)
+            one_s = timed_build(tmp / "src", tmp / f"one_{resize}", 1, resize)
             ours_s = timed_build(tmp / "src", tmp / f"ours_{resize}", args.workers, resize)
-            rows.append((mode, n / base_s, n / ours_s))
-        print(f"| mode | plain ShardWriter loop, 1 process (images/s) | build --workers {args.workers} (images/s) | ratio |")
-        print("|---|---|---|---|")
-        for mode, base, ours in rows:
-            print(f"| {mode} | {base:.0f} | {ours:.0f} | {ours / base:.2f}x |")
+            rows.append((mode, n / base_s, n / one_s, n / ours_s))
+        print(f"load average before/after: {load[0]:.1f} / {os.getloadavg()[0]:.1f}")
+        print(f"| mode | plain ShardWriter loop, 1 process (images/s) | build --workers 1 | "
+              f"build --workers {args.workers} | ratio (workers {args.workers} / loop) |")
+        print("|---|---|---|---|---|")
+        for mode, base, one, ours in rows:
+            print(f"| {mode} | {base:.0f} | {one:.0f} | {ours:.0f} | {ours / base:.2f}x |")
 
 
 if __name__ == "__main__":
