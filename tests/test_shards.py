@@ -396,3 +396,13 @@ def test_config_rejects_bad_values_early():
         BuildConfig("s", "o", "train", max_count=0)
     with pytest.raises(ValueError, match="--resize-shorter"):
         BuildConfig("s", "o", "train", resize_shorter=2)
+
+
+def test_digits_shards_fixture_is_what_other_stages_get(digits_shards):
+    from shards.verify import verify
+
+    train, val = load_manifest(digits_shards.train), load_manifest(digits_shards.val)
+    assert (train["num_samples"], len(train["shards"])) == (1438, 5)
+    assert (val["num_samples"], len(val["shards"])) == (359, 2)
+    assert load_classes(digits_shards.val) == load_classes(digits_shards.train) == [f"digit_{d}" for d in range(10)]
+    assert verify(digits_shards.train, progress=False) == [] and verify(digits_shards.val, progress=False) == []
