@@ -1,0 +1,145 @@
+"""The trainer for real: Ray Train with two CPU workers (gloo DDP) on the digits shards, then eval and predict.
+
+One local Ray cluster serves the whole module; the `fit` commands run as subprocesses that join it through
+RAY_ADDRESS (the path a user takes on a real cluster). Two runs start side by side to share start-up time:
+run A trains 3 epochs straight; run B trains 2 epochs, then the same command with --epochs 3 resumes it.
+With the same seed the resumed run must end bit-identical to the straight one, which holds only if the
+parameters, optimizer state, scheduler state, epoch and every rank's RNG state were all restored exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shards.manifest import load_classes, load_manifest
+from trainer.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--workers", "2", "--batch-size", "32", "--width", "0.25", "--loader", "dali",
+         "--set", "data.image_size=64", "--set", "data.num_threads=1", "--set", "schedule.kind=plateau",
+         "--set", "optim.lr=0.08", "--set", "train.log_every=15", "--set", "data.flip=false"]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def trainer_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trainer", *args]
+
+
+def start(args: list[str], ray_address: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(trainer_cmd("fit", *args), cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path) -> str:
+    proc.wait(timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+
+@pytest.fixture(scope="module")
+def runs(digits_shards, ray_address, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    data = ["--train", str(digits_shards.train), "--val", str(digits_shards.val)]
+    a = [*data, "--out", str(root / "a"), *SMALL, "--epochs", "3", "--set", "run.save_rank_states=true"]
+    b = [*data, "--out", str(root / "b"), *SMALL]
+    proc_a = start(a, ray_address, root / "a.log")
+    proc_b = start([*b, "--epochs", "2"], ray_address, root / "b1.log")
+    logs = {"b1": finish(proc_b, root / "b1.log")}
+    logs["b2"] = finish(start([*b, "--epochs", "3"], ray_address, root / "b2.log"), root / "b2.log")
+    logs["a"] = finish(proc_a, root / "a.log")
+    return {"a": root / "a", "b": root / "b", "logs": logs}
+
+
+def test_loss_falls_and_val_top1_beats_chance(runs, digits_shards):
+    history = read_metrics(runs["a"])
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.3
+    assert history[-1]["val_top1"] > 0.5                       # chance is 0.1 (10 digits)
+    assert all(r["val_n"] == load_manifest(digits_shards.val)["num_samples"] for r in history)
+    assert all(r["images_per_s"] > 0 and r["lr"] > 0 for r in history)
+    assert "images/s" in runs["logs"]["a"]                     # the progress line
+    assert (runs["a"] / "curves.png").stat().st_size > 1000
+    assert any(p.name.startswith("events.out.tfevents") for p in (runs["a"] / "tb").iterdir())
+
+
+def test_ddp_keeps_both_workers_parameters_identical(runs):
+    rank0 = torch.load(runs["a"] / "rank_states" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(runs["a"] / "rank_states" / "rank1.pt", weights_only=True)
+    last = torch.load(runs["a"] / "last.pt", weights_only=True)["model"]
+    assert set(rank0) == set(rank1) == set(last)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key        # the two ranks saw different images
+        assert torch.equal(rank0[key], last[key]), key
+
+
+def test_last_and_best_are_plain_weights_only_model_files(runs, digits_shards):
+    history = read_metrics(runs["a"])
+    best = torch.load(runs["a"] / "best.pt", weights_only=True)
+    last = torch.load(runs["a"] / "last.pt", weights_only=True)
+    assert best["meta"]["classes"] == load_classes(digits_shards.train)
+    assert last["meta"]["epoch"] == 2
+    assert best["meta"]["val_top1"] == max(r["val_top1"] for r in history)
+    assert not [p for p in runs["a"].iterdir() if p.name.endswith(".tmp")]
+    # Ray Train kept the last and the best checkpoint only
+    kept = sorted((runs["a"] / "ray").glob("checkpoint_*"))
+    assert 1 <= len(kept) <= 2
+
+
+def test_rerun_resumes_at_the_next_epoch_with_exactly_the_saved_state(runs):
+    assert "resumed from" in runs["logs"]["b2"] and "at epoch 3/3" in runs["logs"]["b2"]
+    assert [r["epoch"] for r in read_metrics(runs["b"])] == [0, 1, 2]
+    a, b = read_metrics(runs["a"]), read_metrics(runs["b"])
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert [r["val_top1"] for r in a] == [r["val_top1"] for r in b]
+    last_a = torch.load(runs["a"] / "last.pt", weights_only=True)["model"]
+    last_b = torch.load(runs["b"] / "last.pt", weights_only=True)["model"]
+    for key in last_a:
+        assert torch.equal(last_a[key], last_b[key]), key
+
+
+def test_eval_counts_every_val_image_once_for_1_2_3_workers(runs, digits_shards, ray_address):
+    from trainer.evaluate import evaluate
+
+    n = load_manifest(digits_shards.val)["num_samples"]
+    results = [evaluate(str(runs["a"] / "last.pt"), str(digits_shards.val), workers=w) for w in (1, 2, 3)]
+    assert [r["n"] for r in results] == [n, n, n]
+    # the same images, the same weights: the same hits whatever the split
+    assert len({round(r["top1"] * n) for r in results}) == 1 and len({round(r["top5"] * n) for r in results}) == 1
+    assert results[0]["top1"] == pytest.approx(read_metrics(runs["a"])[-1]["val_top1"], abs=1.5 / n)
+    ten = evaluate(str(runs["a"] / "last.pt"), str(digits_shards.val), ten_crop=True, workers=2)
+    assert ten["n"] == n and ten["top1"] > 0.5
+
+
+def test_eval_cli_prints_one_json_line(runs, digits_shards):
+    out = subprocess.run(trainer_cmd("eval", "--checkpoint", str(runs["a"] / "best.pt"), "--data",
+                                     str(digits_shards.val)), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result) == {"top1", "top5", "n"} and result["n"] == load_manifest(digits_shards.val)["num_samples"]
+
+
+def test_bad_inputs_exit_nonzero_with_one_line(tmp_path, digits_shards):
+    out = subprocess.run(trainer_cmd("eval", "--checkpoint", str(tmp_path / "none.pt"), "--data",
+                                     str(digits_shards.val)), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "none.pt" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = subprocess.run(trainer_cmd("fit", "--train", str(digits_shards.train), "--val", str(digits_shards.val),
+                                     "--out", str(tmp_path / "r"), "--set", "optim.momentun=0.9"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "optim.momentun" in out.stderr
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,71 @@
+"""`python -m trainer predict`: a tiny AlexNet trained until it knows ten real training images names them."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shards.manifest import load_classes
+from trainer.checkpoint import atomic_save
+from trainer.config import build_config
+from trainer.evaluate import predict, preprocess
+from trainer.fit import build_model, model_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(digits_shards, tmp_path_factory):
+    classes = load_classes(digits_shards.train)
+    images = [sorted((digits_shards.raw / "train" / name).glob("*.jpg"))[0] for name in classes]
+    cfg = build_config(sets=["model.width=0.25", "data.image_size=64"], need_data=False)
+    x = torch.stack([preprocess(str(p), 64, cfg.data.shorter_side()) for p in images])
+    y = torch.arange(len(classes))
+    torch.manual_seed(0)
+    model = build_model(cfg, len(classes))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    with torch.no_grad():
+        assert model(x).argmax(1).tolist() == y.tolist(), "the tiny model did not learn its ten images"
+    path = tmp_path_factory.mktemp("tiny") / "best.pt"
+    atomic_save(model_file(model, cfg, classes, {"epoch": 0, "val_top1": 1.0, "val_top5": 1.0}), path)
+    return path, images, classes
+
+
+def test_predict_names_the_class_of_training_images(tiny_model):
+    path, images, classes = tiny_model
+    results = predict(str(path), [str(p) for p in images])
+    for result, name in zip(results, classes):
+        top = result["top5"]
+        assert top[0]["class"] == name
+        assert len(top) == 5 and all(a["prob"] >= b["prob"] for a, b in zip(top, top[1:]))
+        assert 0 < sum(c["prob"] for c in top) <= 1.0 + 1e-5
+
+
+def test_predict_cli_prints_top5_names_and_probabilities(tiny_model):
+    path, images, classes = tiny_model
+    out = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", str(path), str(images[3])],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == str(images[3]) and len(lines) == 6
+    assert lines[1].split()[:2] == ["1.", classes[3]] and 0 < float(lines[1].split()[-1]) <= 1
+
+
+def test_predict_rejects_an_unreadable_image(tiny_model, tmp_path):
+    path, _, _ = tiny_model
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    out = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", str(path), str(bad)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "notes.jpg: cannot read this image" in out.stderr

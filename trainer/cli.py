@@ -1,0 +1,83 @@
+"""python -m trainer fit | eval | predict  (see README.md, "Train")."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from trainer.config import PRESETS, build_config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="train AlexNet with Ray Train (resumes when RUN_DIR has a checkpoint)")
+    f.add_argument("--train", required=True, help="training shard directory (python -m shards build)")
+    f.add_argument("--val", required=True, help="validation shard directory")
+    f.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory; rerun to resume")
+    f.add_argument("--preset", choices=sorted(PRESETS), default=None, help="recipe (default: modern)")
+    f.add_argument("--config", metavar="FILE", help="YAML file of config sections")
+    f.add_argument("--workers", type=int, help="Ray Train workers (data-parallel ranks)")
+    f.add_argument("--gpus-per-worker", type=float, help="0 = CPU workers (gloo); >0 = GPU workers (NCCL)")
+    f.add_argument("--epochs", type=int)
+    f.add_argument("--batch-size", type=int, help="global batch, split across workers (the paper: 128)")
+    f.add_argument("--width", type=float, help="multiplies every conv and fc width (1.0 = the paper)")
+    f.add_argument("--loader", choices=["dali", "reference"])
+    f.add_argument("--parallel", choices=["data", "model"],
+                   help="data: DDP across workers; model: also split each worker's net over two devices")
+    f.add_argument("--stage-to", metavar="DIR", help="copy --train/--val (paths or fsspec URLs) to DIR on each "
+                   "node first (one copy per node, sha256-checked)")
+    f.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=0.02 (repeatable)")
+
+    e = sub.add_parser("eval", help='print {"top1", "top5", "n"} over every image of a shard directory')
+    e.add_argument("--checkpoint", required=True, help="RUN_DIR/best.pt or RUN_DIR/last.pt")
+    e.add_argument("--data", required=True, help="shard directory")
+    e.add_argument("--ten-crop", action="store_true", help="the paper's 10 patches, softmax averaged")
+    e.add_argument("--workers", type=int, default=1, help="ranks; >1 runs them as Ray tasks")
+    e.add_argument("--loader", choices=["dali", "reference"], default="dali")
+    e.add_argument("--batch-size", type=int, default=64, help="per rank")
+
+    pr = sub.add_parser("predict", help="top-5 class names and probabilities for each image")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+    return p
+
+
+def fit_flags(args: argparse.Namespace) -> dict:
+    return {"data.train": args.train, "data.val": args.val, "run.out": args.out, "run.workers": args.workers,
+            "run.gpus_per_worker": args.gpus_per_worker, "train.epochs": args.epochs,
+            "train.batch_size": args.batch_size, "model.width": args.width, "data.loader": args.loader,
+            "run.parallel": args.parallel, "data.stage_to": args.stage_to}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "fit":
+            cfg = build_config(args.preset, args.config, fit_flags(args), args.sets)
+            from trainer.fit import fit
+            metrics = fit(cfg)
+            if metrics:
+                print(f"[trainer] done: epoch {metrics['epoch'] + 1}, val top-1 {100 * metrics['val_top1']:.2f} %, "
+                      f"top-5 {100 * metrics['val_top5']:.2f} %; see {cfg.run.out}/curves.png", flush=True)
+        elif args.command == "eval":
+            from trainer.evaluate import evaluate
+            r = evaluate(args.checkpoint, args.data, ten_crop=args.ten_crop, workers=args.workers,
+                         loader=args.loader, batch_size=args.batch_size)
+            print(json.dumps({"top1": r["top1"], "top5": r["top5"], "n": r["n"]}), flush=True)
+        else:
+            from trainer.evaluate import predict
+            for r in predict(args.checkpoint, args.images):
+                if args.json:
+                    print(json.dumps(r))
+                else:
+                    print(r["image"])
+                    for rank, c in enumerate(r["top5"], 1):
+                        print(f"  {rank}. {c['class']:<30} {c['prob']:.4f}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

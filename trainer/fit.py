@@ -1,0 +1,364 @@
+"""`python -m trainer fit`: Ray Train data-parallel training of AlexNet.
+
+The driver (:func:`fit`) joins or starts a Ray cluster and runs a ``TorchTrainer`` whose workers each run
+:func:`train_worker`: build the model and this rank's loaders on the device Ray assigned, restore the
+last checkpoint if there is one, then per epoch train, validate over exactly the val set (masked counts,
+all-reduced), and report a checkpoint. Rank 0 also writes RUN_DIR/metrics.jsonl, TensorBoard events,
+curves.png, last.pt and best.pt.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer import checkpoint as ckpt
+from trainer.config import Config, config_from_dict
+from trainer.metrics import MetricsLog, topk_correct
+from trainer.model import AlexNet
+from trainer.schedule import make_optimizer, make_scheduler
+
+RAY_SUBDIR = "ray"
+
+
+# ---------------------------------------------------------------------------------------- pieces
+
+def say(message: str) -> None:
+    """One progress line. Written to stdout directly: Ray Train's patched print() would log it twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def build_model(cfg: Config, num_classes: int) -> AlexNet:
+    return AlexNet(num_classes, width=cfg.model.width, dropout=cfg.model.dropout, init=cfg.model.init,
+                   image_size=cfg.data.image_size)
+
+
+def loader_config(cfg: Config, shard_dir: str, rank: int, world_size: int, device: torch.device,
+                  batch_size: int, ten_crop: bool = False):
+    from pipeline import LoaderConfig
+
+    return LoaderConfig(shard_dir=shard_dir, batch_size=batch_size, rank=rank, world_size=world_size,
+                        device=str(device), seed=cfg.train.seed, crop=cfg.data.crop, lighting=cfg.data.lighting,
+                        flip=cfg.data.flip, image_size=cfg.data.image_size,
+                        resize_shorter=cfg.data.shorter_side(),
+                        layout="NHWC" if cfg.use_channels_last() else "NCHW", dtype="float32",
+                        num_threads=cfg.data.num_threads, num_workers=cfg.data.num_threads, ten_crop=ten_crop)
+
+
+def autocast(cfg: Config, device: torch.device):
+    if cfg.use_bf16():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (float64, so image counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate_counts(model: torch.nn.Module, loader, device: torch.device, cfg: Config,
+                    ten_crop: bool = False) -> dict[str, float]:
+    """Summed (not averaged) loss, top-1 and top-5 hits and image count over this rank's masked rows.
+
+    With ``ten_crop`` the loader yields (B, 10, C, H, W); the softmax of the 10 patches is averaged
+    (section 4.1)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = top1 = top5 = n = 0.0
+    for images, labels, mask in loader:
+        images, labels, mask = images.to(device), labels.to(device), mask.to(device)
+        with autocast(cfg, device):
+            if ten_crop:
+                b, crops = images.shape[:2]
+                logits = model(images.flatten(0, 1)).float()
+                probs = logits.softmax(dim=1).view(b, crops, -1).mean(dim=1)
+            else:
+                probs = model(images).float().softmax(dim=1)
+        hits = topk_correct(probs, labels, mask)
+        top1, top5 = top1 + hits[1], top5 + hits[5]
+        n += int(mask.sum())
+        loss_sum += float(F.nll_loss(probs[mask].clamp_min(1e-12).log(), labels[mask], reduction="sum")) \
+            if mask.any() else 0.0
+    model.train(was_training)
+    return {"loss_sum": loss_sum, "top1": top1, "top5": top5, "n": n}
+
+
+def model_file(model: torch.nn.Module, cfg: Config, classes: list[str], record: dict[str, Any]) -> dict:
+    """The plain model file (last.pt / best.pt): state dict + what eval/predict need to rebuild it."""
+    return {"model": ckpt.plain_state_dict(model),
+            "meta": {"classes": list(classes), "width": cfg.model.width, "dropout": cfg.model.dropout,
+                     "image_size": cfg.data.image_size, "resize_shorter": cfg.data.shorter_side(),
+                     "preset": cfg.preset, "epoch": record["epoch"],
+                     "val_top1": record["val_top1"], "val_top5": record["val_top5"]}}
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG states, in rank order (dropout masks differ per rank, so each is kept)."""
+    state = ckpt.rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, state)
+    return out
+
+
+def worker_devices(cfg: Config) -> list[torch.device]:
+    """The devices Ray Train assigned to this worker (two CPU 'devices' for a CPU model split)."""
+    import ray.train.torch
+
+    if cfg.on_gpu():
+        devices = ray.train.torch.get_devices()
+        torch.cuda.set_device(devices[0])
+        return list(devices)
+    return [torch.device("cpu")] * (2 if cfg.run.parallel == "model" else 1)
+
+
+# ---------------------------------------------------------------------------------------- worker
+
+def train_worker(loop_config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    import ray.train
+    from pipeline import make_eval_loader, make_train_loader
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg: Config = config_from_dict(loop_config["config"])
+    classes: list[str] = loop_config["classes"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    devices = worker_devices(cfg)
+    device = devices[0]
+    run_dir = Path(cfg.run.out)
+    log = say if rank == 0 else (lambda *a, **k: None)
+
+    torch.manual_seed(cfg.train.seed)          # same initial weights on every rank (DDP also broadcasts)
+    net = build_model(cfg, len(classes))
+    if cfg.run.parallel == "model":
+        from trainer.parallel import split_two_devices
+        net = split_two_devices(net, devices)   # one column per device (section 3.2)
+    else:
+        net = net.to(device)
+    if cfg.use_channels_last():
+        net = net.to(memory_format=torch.channels_last)
+
+    train_dir, val_dir = cfg.data.train, cfg.data.val
+    if cfg.data.stage_to:  # one copy per node (local rank 0), the other ranks wait at a barrier
+        from shards.stage import stage_once_per_node
+        local = stage_once_per_node(cfg.data.stage_to, {"train": train_dir, "val": val_dir}, ctx.get_local_rank())
+        train_dir, val_dir = local["train"], local["val"]
+    per_rank_batch = cfg.per_worker_batch()
+    train_loader = make_train_loader(loader_config(cfg, train_dir, rank, world, device, per_rank_batch),
+                                     kind=cfg.data.loader)
+    val_loader = make_eval_loader(loader_config(cfg, val_dir, rank, world, device, per_rank_batch),
+                                  kind=cfg.data.loader)
+    steps = len(train_loader)
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+
+    optimizer = make_optimizer(net, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    start_epoch, best_top1 = 0, -1.0
+
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = torch.load(Path(d) / ckpt.TRAINING_STATE, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
+        if len(state["rng"]) == world:
+            ckpt.set_rng_state(state["rng"][rank])
+        log(f"[trainer] resumed from {restored.path} at epoch {start_epoch + 1}/{cfg.train.epochs}")
+    else:
+        torch.manual_seed(cfg.train.seed * 1000 + rank + 1)   # per-rank dropout masks
+
+    model = net
+    if world > 1:
+        ddp_ids = [device] if device.type == "cuda" and cfg.run.parallel == "data" else None
+        model = DistributedDataParallel(net, device_ids=ddp_ids)
+    if cfg.use_compile():
+        model = torch.compile(model)
+
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    metrics = MetricsLog(run_dir, start_epoch) if rank == 0 else None
+    if start_epoch >= cfg.train.epochs:
+        log(f"[trainer] {run_dir} is already trained for {cfg.train.epochs} epochs; nothing to do")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        train_loader.set_epoch(epoch)
+        model.train()
+        loss_sum, seen, t0 = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
+        t_window, window_images = t0, 0
+        for step, (images, labels) in enumerate(train_loader):
+            if step >= steps:
+                break
+            with autocast(cfg, device):
+                logits = model(images)
+            loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            if scheduler.per_step:
+                scheduler.step()
+            loss_sum += loss.detach().double() * labels.shape[0]
+            seen += labels.shape[0]
+            window_images += labels.shape[0] * world
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                current = float(loss.detach())
+                if not math.isfinite(current):
+                    raise FloatingPointError(
+                        f"loss is {current} at epoch {epoch + 1} step {step + 1}; lower optim.lr "
+                        f"(now {cfg.peak_lr():g} peak) or raise schedule.warmup_epochs")
+                now = time.perf_counter()
+                log(f"[trainer] epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{steps} loss {current:.4f} "
+                    f"lr {optimizer.param_groups[0]['lr']:.4g} {window_images / (now - t_window):.1f} images/s")
+                t_window, window_images = now, 0
+        train_time = time.perf_counter() - t0
+        train_loss_sum, train_seen = all_reduce_sum([float(loss_sum), seen], device)
+
+        counts = evaluate_counts(net, val_loader, device, cfg)
+        v = dict(zip(("loss_sum", "top1", "top5", "n"),
+                     all_reduce_sum([counts["loss_sum"], counts["top1"], counts["top5"], counts["n"]], device)))
+        val_top1, val_top5 = v["top1"] / v["n"], v["top5"] / v["n"]
+        lr_used = optimizer.param_groups[0]["lr"]
+        if not scheduler.per_step:
+            scheduler.step(val_top1)
+        is_best = val_top1 > best_top1
+        best_top1 = max(best_top1, val_top1)
+        record = {"epoch": epoch, "train_loss": train_loss_sum / train_seen, "val_loss": v["loss_sum"] / v["n"],
+                  "val_top1": val_top1, "val_top5": val_top5, "val_n": int(v["n"]), "lr": lr_used,
+                  "images_per_s": train_seen / train_time, "epoch_time_s": time.perf_counter() - t0,
+                  "workers": world, "global_batch": per_rank_batch * world}
+        rng_states = gather_rng_states()
+        if cfg.run.save_rank_states:
+            ckpt.atomic_save(ckpt.plain_state_dict(net), run_dir / "rank_states" / f"rank{rank}.pt")
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                log(f"[trainer] epoch {epoch + 1}/{cfg.train.epochs} train_loss {record['train_loss']:.4f} "
+                    f"val top-1 {100 * val_top1:.2f} % top-5 {100 * val_top5:.2f} % (n={int(v['n'])}) "
+                    f"{record['images_per_s']:.1f} images/s")
+                metrics.log(record)
+                files = model_file(net, cfg, classes, record)
+                ckpt.atomic_save(files, run_dir / "last.pt")
+                if is_best:
+                    ckpt.atomic_save(files, run_dir / "best.pt")
+                torch.save({"model": files["model"], "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_top1": best_top1,
+                            "rng": rng_states, "config": cfg.to_dict(), "classes": list(classes),
+                            "resize_shorter": cfg.data.shorter_side()},
+                           Path(tmp) / ckpt.TRAINING_STATE)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({k: record[k] for k in ("epoch", "train_loss", "val_top1", "val_top5", "lr",
+                                                     "images_per_s")}, checkpoint=checkpoint)
+    if metrics is not None:
+        metrics.close()
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """Join RAY_ADDRESS if set (or an already initialised Ray), else start a local cluster.
+
+    Ray's CPU counts are logical, so the local cluster advertises at least one CPU per worker plus one
+    for the driver: two CPU workers fit on a 2-core machine (they then share the cores)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    need = math.ceil(num_workers * cpus_per_worker)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus_per_worker and gpus < num_workers * gpus_per_worker:
+        raise ValueError(f"--workers {num_workers} x --gpus-per-worker {gpus_per_worker} needs "
+                         f"{num_workers * gpus_per_worker:g} GPUs; this machine has {gpus}. Use --gpus-per-worker 0 "
+                         f"for CPU workers or set RAY_ADDRESS to a cluster with GPUs")
+    ray.init(num_cpus=max(os.cpu_count() or 1, need + 1), num_gpus=gpus, include_dashboard=False,
+             log_to_driver=True)
+
+
+def check_run_dir(cfg: Config, classes: list[str]) -> None:
+    """A rerun with the same RUN_DIR resumes; refuse one whose model would not load the saved weights."""
+    saved = Path(cfg.run.out) / "config.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        mismatched = [f"{s}.{k}" for s, k in (("model", "width"), ("data", "image_size"))
+                      if old["config"][s][k] != getattr(getattr(cfg, s), k)]
+        if old["classes"] != classes:
+            mismatched.append("classes")
+        if mismatched:
+            raise ValueError(f"{saved}: this RUN_DIR holds a run with different {', '.join(mismatched)}; "
+                             f"resume with the same settings or pass a new --out")
+
+
+def _absolute(path_or_url: str) -> str:
+    return path_or_url if "://" in path_or_url else str(Path(path_or_url).resolve())
+
+
+def fit(cfg: Config) -> dict[str, Any]:
+    """Train as ``cfg`` says; return the last reported metrics (empty when there was nothing left to do)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from shards.manifest import load_classes
+
+    cfg.run.out = str(Path(cfg.run.out).resolve())
+    cfg.data.train, cfg.data.val = _absolute(cfg.data.train), _absolute(cfg.data.val)
+    if cfg.data.stage_to:  # sources may be URLs: read only their classes.json here; workers stage them
+        from shards.stage import source_classes
+        cfg.data.stage_to = str(Path(cfg.data.stage_to).resolve())
+        classes, val_classes = source_classes(cfg.data.train), source_classes(cfg.data.val)
+    else:
+        classes, val_classes = load_classes(cfg.data.train), load_classes(cfg.data.val)
+    if val_classes != classes:
+        raise ValueError(f"{cfg.data.val}/classes.json differs from {cfg.data.train}/classes.json; rebuild val with "
+                         f"`python -m shards build ... --classes {cfg.data.train}/classes.json`")
+    check_run_dir(cfg, classes)
+    run_dir = Path(cfg.run.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps({"config": cfg.to_dict(), "classes": classes}, indent=1))
+    os.replace(tmp, run_dir / "config.json")
+
+    init_ray(cfg.run.workers, cfg.run.cpus_per_worker, cfg.run.gpus_per_worker)
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.on_gpu():
+        resources["GPU"] = cfg.run.gpus_per_worker
+    print(f"[trainer] fit: {cfg.run.workers} worker(s) x {resources}, global batch {cfg.train.batch_size}, "
+          f"preset {cfg.preset}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, {len(classes)} classes, "
+          f"run dir {run_dir}")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "classes": classes},
+        torch_config=TorchConfig(backend="nccl" if cfg.on_gpu() else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.on_gpu(),
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=RAY_SUBDIR, storage_path=str(run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics or {})
