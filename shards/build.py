@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -227,6 +228,30 @@ class ShardSink:
             self.file.f.close()
 
 
+class BoundedFeed:
+    """Yields items to the pool at most ``capacity`` ahead of the writer.
+
+    ``Pool.imap`` would otherwise read the whole list ahead and hold every finished image in memory
+    whenever the workers outrun the disk (140 GB for ImageNet).
+    """
+
+    def __init__(self, items: list, capacity: int):
+        self.items, self.slots, self.stopped = items, threading.Semaphore(capacity), threading.Event()
+
+    def __iter__(self):
+        for item in self.items:
+            while not self.slots.acquire(timeout=0.1):
+                if self.stopped.is_set():  # the run was aborted: let the pool's feeder thread finish
+                    return
+            yield item
+
+    def consumed(self) -> None:
+        self.slots.release()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
 # ---------------------------------------------------------------- resume
 
 def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict) -> list[dict] | None:
@@ -248,7 +273,8 @@ def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict) -> list[dict] | Non
     if not partial.exists():
         stray = [p.name for p in out.iterdir()]
         if stray:
-            raise ShardError(f"{out}: not empty ({', '.join(sorted(stray)[:3])}, ...); "
+            listed = ", ".join(sorted(stray)[:3]) + (", ..." if len(stray) > 3 else "")
+            raise ShardError(f"{out}: not empty ({listed}); "
                              f"pass a new or empty OUT_DIR")
         partial.mkdir()
         write_atomic(partial / "args.json", json.dumps(args, sort_keys=True).encode())
@@ -257,11 +283,18 @@ def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict) -> list[dict] | Non
         old_args = json.loads((partial / "args.json").read_text())
     except (OSError, json.JSONDecodeError):
         old_args = None
+    progress = partial / "progress.jsonl"
+    if old_args != args and not (progress.exists() and progress.read_text().strip()):
+        # An interrupted build that finished no shard: nothing worth keeping, start over with these args.
+        for p in out.iterdir():  # only this build's files can be here (OUT was empty when it began)
+            if p.is_file():
+                p.unlink()
+        shutil.rmtree(partial)
+        return prepare_out_dir(cfg, out, args)
     if old_args != args:
         raise ShardError(f"{out}: holds an interrupted build with other arguments; rerun that command "
                          f"to resume it, or pass a new OUT_DIR")
     records = []
-    progress = partial / "progress.jsonl"
     lines = progress.read_text().splitlines() if progress.exists() else []
     for line in lines:
         try:
@@ -330,14 +363,16 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
     bar = tqdm(total=len(items), initial=start, unit="img", desc=f"build {cfg.split}", disable=not progress,
                file=sys.stderr, smoothing=0.1, mininterval=0.5)
     pool = None
+    window = BoundedFeed(todo, capacity=64 * cfg.workers)
     try:
         if cfg.workers > 1:
             pool = multiprocessing.get_context("fork").Pool(cfg.workers, _init_worker, (cfg.encode,))
-            results = pool.imap(process_item, todo, chunksize=8)
+            results = pool.imap(process_item, window, chunksize=8)
         else:
             _init_worker(cfg.encode)
-            results = map(process_item, todo)
+            results = map(process_item, window)
         for position, (item, result) in enumerate(zip(todo, results), start=start):
+            window.consumed()
             if isinstance(result, str):
                 if cfg.strict:
                     raise ShardError(f"{item.file}: {result} (--strict makes any reject fatal; "
@@ -358,6 +393,7 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
         raise
     finally:
         bar.close()
+        window.stop()
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -336,6 +336,9 @@ def test_strict_makes_a_reject_fatal(tree, tmp_path):
     line = last_error_line(proc)
     assert "--strict" in line and any(bad in line for bad in tree.bad)
     assert not (tmp_path / "strict" / "manifest.json").exists()
+    # Dropping --strict in the same OUT starts over (no shard was finished) and skips the files instead.
+    run_cli("build", tree.root, tmp_path / "strict", "--split", "train", "--quiet", check=True)
+    assert load_manifest(tmp_path / "strict")["rejected"] == len(tree.bad)
 
 
 @pytest.mark.parametrize("case", ["missing source", "out not empty", "csv without columns", "flat without csv",
