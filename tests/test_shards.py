@@ -409,3 +409,19 @@ def test_digits_shards_fixture_is_what_other_stages_get(digits_shards):
     assert (val["num_samples"], len(val["shards"])) == (359, 2)
     assert load_classes(digits_shards.val) == load_classes(digits_shards.train) == [f"digit_{d}" for d in range(10)]
     assert verify(digits_shards.train, progress=False) == [] and verify(digits_shards.val, progress=False) == []
+
+
+def test_wnid_names_from_a_synset_file_beside_the_source(tree, tmp_path):
+    source = tmp_path / "train"
+    shutil.copytree(tree.root, source)
+    (source / "n09999999").mkdir()
+    shutil.copy(next(source.glob("*/*_1.JPEG")), source / "n09999999" / "n09999999_1.JPEG")
+    (tmp_path / "LOC_synset_mapping.txt").write_text(
+        "".join(f"{w} name of {w} from the file\n" for w in tree.wnids[1:]))
+    out = tmp_path / "out"
+    run_cli("build", source, out, "--split", "train", "--quiet", check=True)
+    described = {c["name"]: c["description"] for c in json.loads((out / "classes.json").read_text())["classes"]}
+    assert described[tree.wnids[0]] == "tench, Tinca tinca"                 # built-in table
+    for w in tree.wnids[1:]:
+        assert described[w] == f"name of {w} from the file"                 # the file wins
+    assert described["n09999999"] == ""                                      # known nowhere
