@@ -174,3 +174,17 @@ def test_autocast_reaches_the_column_thread(batch):
     assert seen == {0: torch.bfloat16, 1: torch.bfloat16}
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.05)
+
+
+def test_model_parallel_config_stays_eager_and_needs_two_devices():
+    from trainer.config import Config
+
+    cfg = Config()
+    cfg.run.parallel, cfg.run.gpus_per_worker, cfg.train.compile = "model", 2, "auto"
+    assert not cfg.use_compile()                       # auto compiles data-parallel GPU runs only
+    cfg.train.compile = "on"
+    with pytest.raises(ValueError, match="--parallel model runs eagerly"):
+        cfg.validate(need_data=False)
+    cfg.train.compile, cfg.run.gpus_per_worker = "off", 1
+    with pytest.raises(ValueError, match="--parallel model needs two devices per worker"):
+        cfg.validate(need_data=False)

@@ -133,7 +133,9 @@ class Config:
         return self.train.channels_last == "on" or (self.train.channels_last == "auto" and self.on_gpu())
 
     def use_compile(self) -> bool:
-        return self.train.compile == "on" or (self.train.compile == "auto" and self.on_gpu())
+        # auto leaves --parallel model eager: the split's forward (streams, cross-device joins) is not compiled
+        return self.train.compile == "on" or (self.train.compile == "auto" and self.on_gpu()
+                                              and self.run.parallel == "data")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,6 +198,9 @@ class Config:
         if r.parallel == "model" and r.gpus_per_worker not in (0, 2):
             raise ValueError(f"--parallel model needs two devices per worker: --gpus-per-worker 2 "
                              f"(or 0 for two CPU columns), got {r.gpus_per_worker}")
+        if r.parallel == "model" and t.compile == "on":
+            raise ValueError("--parallel model runs eagerly (trainer/parallel.py's two-column forward is not "
+                             "compiled); use --set train.compile=auto or off")
         if r.max_failures < -1:
             raise ValueError(f"run.max_failures must be >= -1 (-1 = retry forever), got {r.max_failures}")
         return self
