@@ -239,6 +239,8 @@ class TwoColumnAlexNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self._side_stream is not None:
             self._streams = [torch.cuda.current_stream(self.devices[0]), self._side_stream]
+            # column 1's weights were last written (optimizer step) on the caller's stream
+            self._side_stream.wait_stream(self._streams[0])
         source = self.devices.index(images.device) if images.device in self.devices else -1
         image_per_column = []
         for c in range(COLUMNS):                       # conv1 of every column sees the whole image
