@@ -4,6 +4,7 @@ One command times training steps (forward, backward, SGD step) of, side by side 
   single       AlexNet on one device (grouped conv2/4/5), the baseline
   split        split_two_devices(model, [d, d]): the columns run at once (CPU: two threads; one GPU: two streams)
   split-serial the same split with concurrent=False (CPU: one thread; GPU: one stream)
+  split-2gpus  with two GPUs present: column c on cuda:c, the paper's layout
 and prints each as a ratio of the baseline's step time (>1 = slower). Rounds interleave the variants so
 drift (other processes, clocks) hits all of them alike. On CUDA it first checks the split computes the same
 function on the GPU: forward in eval mode and every gradient with dropout 0, TF32 off, fp32 tolerance.
@@ -34,7 +35,8 @@ from trainer.parallel import split_two_devices
 
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        for index in range(torch.cuda.device_count()):   # a two-GPU split works on both
+            torch.cuda.synchronize(index)
 
 
 def train_step(net, opt, images, labels) -> None:
@@ -86,6 +88,8 @@ def time_variants(device: str, width: float, classes: int, batch: int, rounds: i
     nets = {"single": base.to(dev),
             "split": split_two_devices(base, [dev, dev], concurrent=True),
             "split-serial": split_two_devices(base, [dev, dev], concurrent=False)}
+    if dev.type == "cuda" and torch.cuda.device_count() > 1:
+        nets["split-2gpus"] = split_two_devices(base, ["cuda:0", "cuda:1"])   # the paper's layout
     opts = {k: torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for k, n in nets.items()}
     images = torch.randn(batch, 3, 224, 224, device=dev)
     labels = torch.randint(0, classes, (batch,), device=dev)
