@@ -81,7 +81,7 @@ def _lighting_mean(enabled: bool):
 
 
 def _graph(cfg: LoaderConfig, paths: list[str], index_paths: list[str], *, train: bool, seed: int,
-           debug: bool):
+           debug: bool, with_source: bool):
     jpegs, cls = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=train, initial_fill=cfg.shuffle_buffer, seed=seed,
@@ -120,19 +120,19 @@ def _graph(cfg: LoaderConfig, paths: list[str], index_paths: list[str], *, train
             images = fn.stack(*patches, axis=0)
         else:
             images = fn.crop_mirror_normalize(images, crop=(size, size), mean=mean, **norm)
-    if debug:
-        extras.append(fn.get_property(jpegs, key="source_info"))
-        return (images, cls, *extras)
-    return images, cls
+    outputs = [images, cls] + (extras if debug else [])
+    if with_source:
+        outputs.append(fn.get_property(jpegs, key="source_info"))
+    return outputs
 
 
 def build_pipeline(cfg: LoaderConfig, shardset: ShardSet, *, train: bool, epoch: int = 0,
-                   debug: bool = False) -> Pipeline:
+                   debug: bool = False, with_source: bool = False) -> Pipeline:
     """The DALI graph for one epoch of ``cfg.rank``, built and ready to ``run()``.
 
     Outputs ``(images, cls_bytes)``; with ``debug`` also, for training, the paper window
-    ``(x0, y0, side, W, H)`` (paper crop only), the mirror flag and the lighting shift (RGB, 0-255),
-    and last the sample's ``source_info`` (``tar:offset:name``).
+    ``(x0, y0, side, W, H)`` (paper crop only), the mirror flag and the lighting shift (RGB, 0-255);
+    with ``with_source`` last the sample's ``source_info`` (``/dir/x.tar:offset:name``).
     """
     shards = shardset.ordered(derive_seed(cfg.seed, epoch) if train else None)
     seed = derive_seed(cfg.seed, cfg.rank, epoch)
@@ -140,7 +140,7 @@ def build_pipeline(cfg: LoaderConfig, shardset: ShardSet, *, train: bool, epoch:
                     seed=seed, prefetch_queue_depth=cfg.prefetch)
     with pipe:
         pipe.set_outputs(*_graph(cfg, [s.tar for s in shards], [s.index for s in shards], train=train,
-                                 seed=seed, debug=debug))
+                                 seed=seed, debug=debug, with_source=with_source))
     try:
         pipe.build()
     except RuntimeError as e:
@@ -148,13 +148,20 @@ def build_pipeline(cfg: LoaderConfig, shardset: ShardSet, *, train: bool, epoch:
     return pipe
 
 
-def _shard_error(exc: Exception, shardset: ShardSet) -> ShardError:
-    """DALI's multi-line error, reduced to one line that names the shard it mentions."""
+def _shard_error(exc: Exception, shardset: ShardSet, suspects: list[str] = ()) -> ShardError:
+    """DALI's multi-line error (graph traceback, then "encountered:", the reason, C++ context),
+    reduced to one line that names the shard it mentions, else the shards the failing batch was
+    read from (a decoder error does not say which sample failed)."""
     text = str(exc)
-    tar = next((shardset.shard_of(m) for m in re.findall(r"(/\S+?\.tar)", text)), None)
-    first = next((ln.strip() for ln in text.splitlines() if "rror" in ln and ln.strip()), text.strip())
-    where = tar or shardset.root
-    return ShardError(f"{where}: DALI failed reading this split ({first[:300]}); "
+    paths = re.findall(r"(/[^\s\"']+?\.(?:tar|idx))", text)
+    where = next((shardset.shard_of(p) for p in paths), None)
+    if where is None and suspects:
+        where = ", ".join(suspects[:3]) + (f" (or one of {len(suspects) - 3} more)" if len(suspects) > 3 else "")
+    where = where or shardset.root
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    reason = next((ln for ln in after if not ln.startswith(("C++ context", "Current pipeline"))), text.strip())
+    return ShardError(f"{where}: DALI failed reading this split ({reason[:300]}); "
                       f"check it with `python -m shards verify {shardset.root}`")
 
 
@@ -173,6 +180,12 @@ def parse_labels(cls_batch) -> torch.Tensor:
                         dtype=torch.int64)
 
 
+def sample_keys(source_info) -> list[str]:
+    """Sample keys (``__key__``) from DALI's ``source_info`` strings ``/dir/x.tar:offset:key.jpg``."""
+    return [np.array(source_info[i]).tobytes().decode().rsplit(":", 1)[1].rsplit(".", 1)[0]
+            for i in range(len(source_info))]
+
+
 def finish_images(images: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:
     """DALI hands out NCHW or NHWC bytes; give torch (B, [10,] C, H, W) in the asked memory format."""
     if cfg.layout == "NHWC":
@@ -189,13 +202,14 @@ class _DaliLoader:
         self.shardset = ShardSet.open(cfg.shard_dir)
         self.device = torch.device(cfg.device)
         self.epoch = 0
+        self.with_source = False  # tests: also yield each row's sample key
         n, ws, b = self.shardset.num_samples, cfg.world_size, cfg.batch_size
         self.steps = train_steps(n, ws, b) if train else eval_steps(n, ws, b)
         if self.steps < 1:
             raise ValueError(f"LoaderConfig.batch_size={b}: {cfg.shard_dir} has {n} samples, fewer than "
                              f"one batch per rank for world_size={ws}; lower batch_size")
-        start, stop = rank_range(n, cfg.rank, ws)
-        self.rank_samples = stop - start
+        self.rank_start, rank_stop = rank_range(n, cfg.rank, ws)
+        self.rank_samples = rank_stop - self.rank_start
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -204,17 +218,29 @@ class _DaliLoader:
         return self.steps
 
     def _batches(self):
-        pipe = build_pipeline(self.cfg, self.shardset, train=self.train, epoch=self.epoch)
+        pipe = build_pipeline(self.cfg, self.shardset, train=self.train, epoch=self.epoch,
+                              with_source=self.with_source)
         try:
-            for _ in range(self.steps):
+            for step in range(self.steps):
                 try:
-                    images, cls = pipe.run()
+                    images, cls, *source = pipe.run()
                 except RuntimeError as e:
-                    raise _shard_error(e, self.shardset) from None
+                    raise _shard_error(e, self.shardset, self._suspects(step)) from None
                 labels = parse_labels(cls).to(self.device, non_blocking=True)
-                yield finish_images(to_torch(images, self.device), self.cfg), labels
+                batch = (finish_images(to_torch(images, self.device), self.cfg), labels)
+                yield batch + ((sample_keys(source[0]),) if source else ())
         finally:
             del pipe
+
+    def _suspects(self, step: int) -> list[str]:
+        """The tars batch ``step`` can have come from: the reader has read at most the batches so far,
+        the prefetched ones and the shuffle buffer of this rank's slice."""
+        b = self.cfg.batch_size
+        ahead = (self.cfg.prefetch * b + self.cfg.shuffle_buffer) if self.train else 0
+        first = self.rank_start + (0 if self.train else step * b)
+        last = self.rank_start + min(self.rank_samples, (step + 1) * b + ahead)
+        order = self.shardset.ordered(derive_seed(self.cfg.seed, self.epoch) if self.train else None)
+        return self.shardset.tars_covering(order, first, last)
 
 
 class DaliTrainLoader(_DaliLoader):
@@ -224,7 +250,7 @@ class DaliTrainLoader(_DaliLoader):
         super().__init__(cfg, train=True)
 
     def __iter__(self):
-        yield from self._batches()
+        return self._batches()
 
 
 class DaliEvalLoader(_DaliLoader):
@@ -236,6 +262,6 @@ class DaliEvalLoader(_DaliLoader):
 
     def __iter__(self):
         b = self.cfg.batch_size
-        for step, (images, labels) in enumerate(self._batches()):
+        for step, (images, labels, *keys) in enumerate(self._batches()):
             position = torch.arange(step * b, (step + 1) * b)
-            yield images, labels, (position < self.rank_samples).to(self.device)
+            yield (images, labels, (position < self.rank_samples).to(self.device), *keys)

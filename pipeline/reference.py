@@ -83,21 +83,25 @@ def buffer_shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-def rebatch(batches: Iterable[tuple[torch.Tensor, ...]], size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Regroup a stream of batches (of any sizes) into batches of exactly ``size`` rows; a partial
-    remainder comes last."""
+def _concat(parts: tuple) -> torch.Tensor | list:
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [x for part in parts for x in part]
+
+
+def rebatch(batches: Iterable[tuple], size: int) -> Iterator[tuple]:
+    """Regroup a stream of batches (tuples of tensors or lists, any number of rows) into batches of
+    exactly ``size`` rows; a partial remainder comes last."""
     pending, count = [], 0
     for batch in batches:
         pending.append(batch)
         count += len(batch[0])
         while count >= size:
-            joined = [torch.cat(parts) for parts in zip(*pending)]
+            joined = [_concat(parts) for parts in zip(*pending)]
             yield tuple(t[:size] for t in joined)
             rest = tuple(t[size:] for t in joined)
             count -= size
             pending = [rest] if count else []
     if count:
-        yield tuple(torch.cat(parts) for parts in zip(*pending))
+        yield tuple(_concat(parts) for parts in zip(*pending))
 
 
 # --- one image ----------------------------------------------------------------------------------
@@ -224,7 +228,7 @@ class _RankSlice(IterableDataset):
         for position, sample in items:
             image, label = decode(sample, self.shardset.shard_of)
             pixels = train_transform(image, cfg, rng) if self.train else eval_transform(image, cfg)
-            yield pixels, label, position
+            yield pixels, label, sample["__key__"]
 
 
 def _one_line(e: Exception) -> ShardError:
@@ -241,6 +245,7 @@ class _ReferenceLoader:
         self.shardset = ShardSet.open(cfg.shard_dir)
         self.device = torch.device(cfg.device)
         self.epoch = 0
+        self.with_source = False  # tests: also yield each row's sample key
         n, ws, b = self.shardset.num_samples, cfg.world_size, cfg.batch_size
         self.steps = train_steps(n, ws, b) if train else eval_steps(n, ws, b)
         if self.steps < 1:
@@ -278,10 +283,10 @@ class ReferenceTrainLoader(_ReferenceLoader):
         super().__init__(cfg, train=True)
 
     def __iter__(self):
-        for step, (images, labels, _) in enumerate(self._batches()):
+        for step, (images, labels, keys) in enumerate(self._batches()):
             if step == self.steps:
                 break
-            yield self._finish(images), labels.to(self.device)
+            yield (self._finish(images), labels.to(self.device)) + ((keys,) if self.with_source else ())
 
 
 class ReferenceEvalLoader(_ReferenceLoader):
@@ -291,13 +296,13 @@ class ReferenceEvalLoader(_ReferenceLoader):
     def __iter__(self):
         cfg, step = self.cfg, 0
         b, size = cfg.batch_size, cfg.image_size
-        for images, labels, _ in self._batches():
-            yield self._pad(images, labels)
+        for images, labels, keys in self._batches():
+            yield self._pad(images, labels) + ((keys,) if self.with_source else ())
             step += 1
         shape = (b, 10, 3, size, size) if cfg.ten_crop else (b, 3, size, size)
         while step < self.steps:  # ranks with fewer images still run len(loader) steps
-            yield self._finish(torch.zeros(shape)), torch.zeros(b, dtype=torch.int64, device=self.device), \
-                torch.zeros(b, dtype=torch.bool, device=self.device)
+            yield (self._finish(torch.zeros(shape)), torch.zeros(b, dtype=torch.int64, device=self.device),
+                   torch.zeros(b, dtype=torch.bool, device=self.device)) + (([],) if self.with_source else ())
             step += 1
 
     def _pad(self, images, labels):

@@ -113,9 +113,19 @@ class ShardSet:
     def ordered(self, seed: int | None) -> list[Shard]:
         return [self.shards[i] for i in shard_order(len(self.shards), seed)]
 
+    @staticmethod
+    def tars_covering(order: list[Shard], start: int, stop: int) -> list[str]:
+        """The tars holding positions [start, stop) of the shards read in ``order``."""
+        found, first = [], 0
+        for shard in order:
+            if first < stop and first + shard.count > start:
+                found.append(shard.tar)
+            first += shard.count
+        return found
+
     def shard_of(self, path: str) -> str:
         """The tar a DALI ``source_info`` (``/dir/x.tar:offset:name``) or webdataset url points at."""
         for s in self.shards:
-            if path.startswith(s.tar):
+            if path.startswith(s.tar) or path == s.index:
                 return s.tar
         return path
