@@ -128,8 +128,9 @@ def local_head():
         yield LocalHead(address=address, env=dict(env, RAY_ADDRESS=address), home=home, log=log)
     finally:
         stop_head(proc)
-        assert not session_pids(proc.pid), "processes of the test's Ray head survived"
+        survivors = session_pids(proc.pid)
         subprocess.run(["rm", "-rf", str(root)], check=False)
+        assert not survivors, f"processes of the test's Ray head survived: {survivors}"
 
 
 def jobs(head: LocalHead) -> dict[str, str]:
