@@ -144,8 +144,16 @@ def build_pipeline(cfg: LoaderConfig, shardset: ShardSet, *, train: bool, epoch:
     try:
         pipe.build()
     except RuntimeError as e:
+        if not _about_data(e):
+            raise
         raise _shard_error(e, shardset) from None
     return pipe
+
+
+def _about_data(exc: Exception) -> bool:
+    """Whether a DALI error comes from reading or decoding the shards (not e.g. a missing GPU)."""
+    text = str(exc)
+    return any(op in text for op in ("readers.webdataset", "decoders.", "nvImageCodec", ".tar", ".idx"))
 
 
 def _shard_error(exc: Exception, shardset: ShardSet, suspects: list[str] = ()) -> ShardError:
@@ -180,6 +188,14 @@ def parse_labels(cls_batch) -> torch.Tensor:
                         dtype=torch.int64)
 
 
+def check_device(cfg: LoaderConfig) -> torch.device:
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not (torch.cuda.is_available() and device.index < torch.cuda.device_count()):
+        raise ValueError(f"LoaderConfig.device={cfg.device!r}: no such CUDA device here "
+                         f"({torch.cuda.device_count()} visible); use device=\"cpu\" or the device Ray assigned")
+    return device
+
+
 def sample_keys(source_info) -> list[str]:
     """Sample keys (``__key__``) from DALI's ``source_info`` strings ``/dir/x.tar:offset:key.jpg``."""
     return [np.array(source_info[i]).tobytes().decode().rsplit(":", 1)[1].rsplit(".", 1)[0]
@@ -200,7 +216,7 @@ class _DaliLoader:
         self.cfg = cfg
         self.train = train
         self.shardset = ShardSet.open(cfg.shard_dir)
-        self.device = torch.device(cfg.device)
+        self.device = check_device(cfg)
         self.epoch = 0
         self.with_source = False  # tests: also yield each row's sample key
         n, ws, b = self.shardset.num_samples, cfg.world_size, cfg.batch_size
@@ -225,6 +241,8 @@ class _DaliLoader:
                 try:
                     images, cls, *source = pipe.run()
                 except RuntimeError as e:
+                    if not _about_data(e):
+                        raise
                     raise _shard_error(e, self.shardset, self._suspects(step)) from None
                 labels = parse_labels(cls).to(self.device, non_blocking=True)
                 batch = (finish_images(to_torch(images, self.device), self.cfg), labels)

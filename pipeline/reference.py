@@ -244,6 +244,9 @@ class _ReferenceLoader:
         self.cfg, self.train = cfg, train
         self.shardset = ShardSet.open(cfg.shard_dir)
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not (torch.cuda.is_available()
+                                               and self.device.index < torch.cuda.device_count()):
+            raise ValueError(f"LoaderConfig.device={cfg.device!r}: no such CUDA device here; use device=\"cpu\"")
         self.epoch = 0
         self.with_source = False  # tests: also yield each row's sample key
         n, ws, b = self.shardset.num_samples, cfg.world_size, cfg.batch_size

@@ -384,6 +384,31 @@ def test_dali_reader_error_names_the_shard(digits_shards, tmp_path):
     assert "val-000001.tar" in message and "\n" not in message
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: cuda:0 is valid here")
+@pytest.mark.parametrize("kind", ["dali", "reference"])
+def test_cuda_device_without_a_gpu_is_a_clear_error(digits_shards, kind):
+    with pytest.raises(ValueError, match=r"LoaderConfig\.device='cuda:0'.*cpu"):
+        make_train_loader(cfg_for(digits_shards.val, device="cuda:0"), kind)
+
+
+def test_reference_loader_works_without_dali(digits_shards):
+    """The fallback where DALI is not installed: importing nvidia.dali fails, kind="reference" works."""
+    code = f"""
+import sys
+sys.modules["nvidia.dali"] = None          # makes `import nvidia.dali` raise ImportError
+from pipeline import LoaderConfig, make_eval_loader, make_train_loader
+cfg = LoaderConfig({str(digits_shards.val)!r}, batch_size=8, num_workers=0, image_size=32, resize_shorter=36)
+images, labels = next(iter(make_train_loader(cfg, kind="reference")))
+assert images.shape == (8, 3, 32, 32)
+try:
+    make_eval_loader(cfg, kind="dali")
+except ImportError:
+    print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 def _cli(*args, check=True):
