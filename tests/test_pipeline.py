@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pipeline import LoaderConfig, make_eval_loader, make_train_loader
-from pipeline.config import (IMAGENET_MEAN_255, IMAGENET_STD_255, LIGHTING_STD, PCA_EIGVAL, PCA_EIGVEC,
+from pipeline.config import (IMAGENET_STD_255, LIGHTING_STD, PCA_EIGVAL, PCA_EIGVEC,
                              lighting_covariance_255)
 from pipeline.reference import buffer_shuffle, rebatch, take_turns
 from pipeline.shardset import ShardSet, eval_steps, rank_range, train_steps
