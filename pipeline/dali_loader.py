@@ -11,6 +11,11 @@ Epochs: a DALI reader shuffles inside a buffer and cannot be re-seeded, so each 
 pipeline. Its tar order is a permutation drawn from (seed, epoch), the same on every rank so the
 ranks' slices stay disjoint and change every epoch; its shuffle buffer and augmentation draws are
 seeded from (seed, rank, epoch).
+
+Resuming mid-epoch: training pipelines are built with DALI's checkpointing on, so
+``loader.state_dict()`` holds ``pipe.checkpoint()`` (the reader's position, its shuffle buffer and every
+random operator's state after the batches handed out so far) and ``load_state_dict()`` rebuilds the epoch's
+pipeline from it: the resumed loader yields exactly the batches the uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -127,17 +132,19 @@ def _graph(cfg: LoaderConfig, paths: list[str], index_paths: list[str], *, train
 
 
 def build_pipeline(cfg: LoaderConfig, shardset: ShardSet, *, train: bool, epoch: int = 0,
-                   debug: bool = False, with_source: bool = False) -> Pipeline:
+                   debug: bool = False, with_source: bool = False, checkpoint: bytes | None = None) -> Pipeline:
     """The DALI graph for one epoch of ``cfg.rank``, built and ready to ``run()``.
 
     Outputs ``(images, cls_bytes)``; with ``debug`` also, for training, the paper window
     ``(x0, y0, side, W, H)`` (paper crop only), the mirror flag and the lighting shift (RGB, 0-255);
     with ``with_source`` last the sample's ``source_info`` (``/dir/x.tar:offset:name``).
+    Training graphs trace their state (``pipe.checkpoint()``); ``checkpoint`` resumes from one.
     """
     shards = shardset.ordered(derive_seed(cfg.seed, epoch) if train else None)
     seed = derive_seed(cfg.seed, cfg.rank, epoch)
     pipe = Pipeline(batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=cfg.device_id,
-                    seed=seed, prefetch_queue_depth=cfg.prefetch)
+                    seed=seed, prefetch_queue_depth=cfg.prefetch, enable_checkpointing=train,
+                    checkpoint=checkpoint)
     with pipe:
         pipe.set_outputs(*_graph(cfg, [s.tar for s in shards], [s.index for s in shards], train=train,
                                  seed=seed, debug=debug, with_source=with_source))
@@ -219,6 +226,8 @@ class _DaliLoader:
         self.device = check_device(cfg)
         self.epoch = 0
         self.with_source = False  # tests: also yield each row's sample key
+        self._resume: dict | None = None   # a state_dict() to continue from in its epoch
+        self._pipe, self._step = None, 0   # the live pipeline and the batches it has handed out
         n, ws, b = self.shardset.num_samples, cfg.world_size, cfg.batch_size
         self.steps = train_steps(n, ws, b) if train else eval_steps(n, ws, b)
         if self.steps < 1:
@@ -229,15 +238,30 @@ class _DaliLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        if self._resume is not None and self._resume["epoch"] != self.epoch:
+            self._resume = None
 
     def __len__(self) -> int:
         return self.steps
 
+    def state_dict(self) -> dict:
+        """Where the current epoch stands: ``{"epoch", "step", "dali"}`` (training loaders, mid-iteration)."""
+        if self._pipe is None:
+            raise RuntimeError("state_dict() is taken while iterating a training loader")
+        return {"epoch": self.epoch, "step": self._step, "dali": self._pipe.checkpoint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue epoch ``state["epoch"]`` after its first ``state["step"]`` batches on the next iteration."""
+        self.epoch, self._resume = int(state["epoch"]), dict(state)
+
     def _batches(self):
+        resume, self._resume = self._resume, None
+        start = resume["step"] if resume else 0
         pipe = build_pipeline(self.cfg, self.shardset, train=self.train, epoch=self.epoch,
-                              with_source=self.with_source)
+                              with_source=self.with_source, checkpoint=resume["dali"] if resume else None)
+        self._pipe = pipe
         try:
-            for step in range(self.steps):
+            for step in range(start, self.steps):
                 try:
                     images, cls, *source = pipe.run()
                 except RuntimeError as e:
@@ -246,8 +270,10 @@ class _DaliLoader:
                     raise _shard_error(e, self.shardset, self._suspects(step)) from None
                 labels = parse_labels(cls).to(self.device, non_blocking=True)
                 batch = (finish_images(to_torch(images, self.device), self.cfg), labels)
+                self._step = step + 1
                 yield batch + ((sample_keys(source[0]),) if source else ())
         finally:
+            self._pipe = None
             del pipe
 
     def _suspects(self, step: int) -> list[str]:

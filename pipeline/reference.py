@@ -8,6 +8,11 @@ and the rank split (:mod:`pipeline.shardset`) are shared, so the two loaders see
 The work is small generator stages over samples (each tested on plain lists), run in
 ``cfg.num_workers`` DataLoader processes that take turns by whole batches, so batches come back in
 stored order for evaluation.
+
+Resuming mid-epoch (``load_state_dict``) replays the epoch deterministically and drops the batches
+already trained on: every draw comes from generators seeded by (seed, rank, epoch, worker), so the
+remaining batches are exactly the uninterrupted ones. The skipped batches are still read and augmented
+(the augmentation draws share one generator with the shuffle), which costs their loading time once.
 """
 from __future__ import annotations
 
@@ -249,6 +254,7 @@ class _ReferenceLoader:
             raise ValueError(f"LoaderConfig.device={cfg.device!r}: no such CUDA device here; use device=\"cpu\"")
         self.epoch = 0
         self.with_source = False  # tests: also yield each row's sample key
+        self._resume_step, self._step = 0, 0   # batches to skip on the next iteration; handed out so far
         n, ws, b = self.shardset.num_samples, cfg.world_size, cfg.batch_size
         self.steps = train_steps(n, ws, b) if train else eval_steps(n, ws, b)
         if self.steps < 1:
@@ -258,7 +264,17 @@ class _ReferenceLoader:
         self.rank_samples = stop - start
 
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self._resume_step = 0
         self.epoch = int(epoch)
+
+    def state_dict(self) -> dict:
+        """Where the current epoch stands: ``{"epoch", "step"}`` (batches handed out so far)."""
+        return {"epoch": self.epoch, "step": self._step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue epoch ``state["epoch"]`` after its first ``state["step"]`` batches (replayed, not yielded)."""
+        self.epoch, self._resume_step = int(state["epoch"]), int(state["step"])
 
     def __len__(self) -> int:
         return self.steps
@@ -286,9 +302,13 @@ class ReferenceTrainLoader(_ReferenceLoader):
         super().__init__(cfg, train=True)
 
     def __iter__(self):
+        skip, self._resume_step = self._resume_step, 0
         for step, (images, labels, keys) in enumerate(self._batches()):
             if step == self.steps:
                 break
+            if step < skip:
+                continue
+            self._step = step + 1
             yield (self._finish(images), labels.to(self.device)) + ((keys,) if self.with_source else ())
 
 

@@ -12,7 +12,9 @@ Python values inside, so loading never runs pickled code):
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -90,7 +92,12 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: no such checkpoint; pass RUN_DIR/best.pt or RUN_DIR/last.pt")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or unsafe content
+    except Exception as e:  # truncated, not a torch file, or pickled objects that weights_only refuses
+        found = re.search(r"Unsupported (?:global|operand)[^.\n]*", str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:  # would run code if loaded without weights_only
+            raise ValueError(f"{path}: refused, it holds pickled Python objects ({found.group(0)}); checkpoints are "
+                             f"loaded with weights_only=True and never run pickled code: use a file written by "
+                             f"`python -m trainer fit`") from None
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                          f"use a file written by `python -m trainer fit`") from None
     if not isinstance(obj, dict) or "model" not in obj:

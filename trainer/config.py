@@ -87,6 +87,9 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "off"            # auto: torch.compile on GPU
     max_steps_per_epoch: int = 0    # 0: full epochs; >0 caps steps (smoke tests, benchmarks)
     log_every: int = 20             # steps between progress lines
+    # a checkpoint (with every rank's data position) every N steps inside an epoch; 0: at epoch ends only
+    checkpoint_every: int = 0
+    skip_nonfinite: bool = False    # a NaN/inf loss or gradient skips that step instead of stopping the run
 
 
 @dataclass
@@ -98,10 +101,20 @@ class RunConfig:
     parallel: Literal["data", "model"] = "data"
     max_failures: int = 2           # Ray Train restarts the group from the last checkpoint this often
     save_rank_states: bool = False  # every rank writes RUN_DIR/rank_states/rank<r>.pt each epoch (DDP check)
+    placement_timeout_s: float = 120  # wait this long for a cluster with room for every worker, then fail
+
+
+@dataclass
+class FaultConfig:
+    """Injected failures for tests and drills (trainer/faults.py); 0 = off. Global 1-based steps, once per RUN_DIR."""
+    kill_at_step: int = 0           # SIGKILL the worker process of `rank` before this step
+    raise_at_step: int = 0          # raise RuntimeError in `rank` before this step
+    nan_at_step: int = 0            # `rank`'s loss becomes NaN at this step
+    rank: int = 0
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
-            "train": TrainConfig, "run": RunConfig}
+            "train": TrainConfig, "run": RunConfig, "fault": FaultConfig}
 
 
 @dataclass
@@ -113,6 +126,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     # ---- derived values -------------------------------------------------------------------------
     def peak_lr(self) -> float:
@@ -189,6 +203,8 @@ class Config:
         _positive("train.batch_size", t.batch_size)
         if t.max_steps_per_epoch < 0 or t.log_every < 1:
             raise ValueError("train.max_steps_per_epoch must be >= 0 and train.log_every >= 1")
+        if t.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every}")
         _positive("run.workers", r.workers)
         if t.batch_size % r.workers:
             raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
@@ -201,6 +217,12 @@ class Config:
         if r.parallel == "model" and t.compile == "on":
             raise ValueError("--parallel model runs eagerly (trainer/parallel.py's two-column forward is not "
                              "compiled); use --set train.compile=auto or off")
+        if not r.placement_timeout_s > 0:
+            raise ValueError(f"run.placement_timeout_s must be > 0, got {r.placement_timeout_s}")
+        f = self.fault
+        if min(f.kill_at_step, f.raise_at_step, f.nan_at_step) < 0 or not 0 <= f.rank < r.workers:
+            raise ValueError(f"fault.*_at_step must be >= 0 (0 = off) and fault.rank in [0, run.workers={r.workers}), "
+                             f"got {f}")
         if r.max_failures < -1:
             raise ValueError(f"run.max_failures must be >= -1 (-1 = retry forever), got {r.max_failures}")
         return self
