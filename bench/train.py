@@ -7,6 +7,9 @@ For each width, side by side in one process (one data-parallel rank, what each R
   synthetic  train steps on one random batch reused (the model's ceiling on this machine)
   pipeline   train steps on batches from the loader (decode + augment + train, sharing the cores)
   loader     the loader alone, no model (the input ceiling)
+  split      synthetic steps of trainer.parallel.split_two_devices(model, ["cpu", "cpu"]), the paper's
+             two-column split on two CPU devices (issue 5); ``split/single`` is its step time over the
+             single-device model's (>1: the split costs that much more); --no-split skips it
 ``pipeline / synthetic`` is the fraction of the model's speed the input pipeline lets through; 1.0 means
 the run is compute-bound. Without --shards the sklearn digits are sharded into a temporary directory.
 """
@@ -26,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.model import AlexNet, count_parameters  # noqa: E402
+from trainer.parallel import split_two_devices  # noqa: E402
 
 
 def digits_shards(root: Path) -> Path:
@@ -56,15 +60,17 @@ def timed(it, steps: int, step_fn) -> float:
 
 def interleaved(sources: dict, steps: int, rounds: int, step_fn, warmup: int = 3) -> dict[str, float]:
     """Median images/s per source over ``rounds`` rounds that alternate the sources, after ``warmup``
-    batches each, so load from other processes hits every source alike."""
+    batches each, so load from other processes hits every source alike. ``step_fn``: one function, or
+    one per source name."""
     its = {name: iter(src) for name, src in sources.items()}
-    for it in its.values():   # oneDNN creates its kernels over the first few steps: several times slower
+    fns = step_fn if isinstance(step_fn, dict) else {name: step_fn for name in its}
+    for name, it in its.items():   # oneDNN creates its kernels over the first few steps: several times slower
         for _ in range(warmup):
-            step_fn(*next(it))
+            fns[name](*next(it))
     rates = {name: [] for name in its}
     for _ in range(rounds):
         for name, it in its.items():
-            rates[name].append(timed(it, steps, step_fn))
+            rates[name].append(timed(it, steps, fns[name]))
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
@@ -87,6 +93,7 @@ def main() -> None:
     p.add_argument("--loader", choices=["dali", "reference"], default="dali")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads and loader threads")
     p.add_argument("--json", action="store_true", help="also print one JSON object per width")
+    p.add_argument("--no-split", dest="split", action="store_false", help="skip the two-column split's timing")
     args = p.parse_args()
 
     from pipeline import LoaderConfig, make_train_loader
@@ -106,7 +113,8 @@ def main() -> None:
         loader_only = interleaved({"loader": endless(make_train_loader(lcfg, kind=args.loader))}, args.steps * 2,
                                   args.rounds, lambda x, y: None)["loader"]
         print(f"{'width':>6} {'params':>11} {'synthetic img/s':>16} {'pipeline img/s':>15} "
-              f"{'pipeline/synthetic':>19} {'loader alone img/s':>19}", flush=True)
+              f"{'pipeline/synthetic':>19} {'loader alone img/s':>19}" + (f" {'split/single':>13}" if args.split else ""),
+              flush=True)
         for width in args.widths:
             torch.manual_seed(0)
             model = AlexNet(len(classes), width=width, image_size=args.image_size, init="kaiming")
@@ -114,16 +122,27 @@ def main() -> None:
             step = lambda x, y: train_step(model, optimizer, x, y)  # noqa: E731
             x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
             y = torch.randint(0, len(classes), (args.batch_size,))
-            rates = interleaved({"synthetic": iter(lambda: (x, y), None),
-                                 "pipeline": endless(make_train_loader(lcfg, kind=args.loader))},
-                                args.steps, args.rounds, step)
+            sources = {"synthetic": iter(lambda: (x, y), None),
+                       "pipeline": endless(make_train_loader(lcfg, kind=args.loader))}
+            step_fns = {"synthetic": step, "pipeline": step}
+            if args.split:   # same weights, columns on two CPU devices (trainer/parallel.py)
+                split = split_two_devices(model, ["cpu", "cpu"])
+                split_opt = torch.optim.SGD(split.parameters(), lr=1e-3, momentum=0.9)
+                sources["split"] = iter(lambda: (x, y), None)
+                step_fns["split"] = lambda x, y: train_step(split, split_opt, x, y)
+            rates = interleaved(sources, args.steps, args.rounds, step_fns)
             synthetic, fed = rates["synthetic"], rates["pipeline"]
             row = {"width": width, "params": count_parameters(model), "image_size": args.image_size,
                    "batch_size": args.batch_size, "synthetic_img_s": synthetic, "pipeline_img_s": fed,
                    "ratio": fed / synthetic, "loader_img_s": loader_only, "loader": args.loader,
                    "load_average": os.getloadavg()[0]}
+            split_col = ""
+            if args.split:
+                row["split_img_s"] = rates["split"]
+                row["split_step_ratio"] = synthetic / rates["split"]
+                split_col = f" {row['split_step_ratio']:>13.2f}"
             print(f"{width:>6g} {row['params']:>11,} {synthetic:>16.1f} {fed:>15.1f} {row['ratio']:>19.2f} "
-                  f"{loader_only:>19.1f}", flush=True)
+                  f"{loader_only:>19.1f}{split_col}", flush=True)
             if args.json:
                 print(json.dumps(row), flush=True)
 
