@@ -158,7 +158,9 @@ def _column_thread() -> ThreadPoolExecutor:
 class TwoColumnAlexNet(nn.Module):
     """AlexNet with column c of every split layer on ``devices[c]``; fc8 (and so the loss) on devices[0].
 
-    Feed images on any device; the logits come back on ``output_device``."""
+    Feed images on any device; the logits come back on ``output_device``. The module places itself: moving
+    it with ``.to(device)`` / ``.cuda()`` would put both columns on one device behind ``devices``' back
+    (``.to(memory_format=...)`` and dtype casts are fine)."""
 
     def __init__(self, model: AlexNet, devices: Sequence[torch.device], concurrent: bool = True):
         super().__init__()
