@@ -200,7 +200,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 def test_load_rejects_bad_files_with_the_path(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.pt: not a readable checkpoint"):
+    with pytest.raises(ValueError, match=r"bad.pt: .*use a file written by `python -m trainer fit`"):
         ckpt.load(bad)
     with pytest.raises(ValueError, match="no such checkpoint"):
         ckpt.load(tmp_path / "missing.pt")

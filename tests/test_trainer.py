@@ -2,9 +2,10 @@
 
 One local Ray cluster serves the whole module; the `fit` commands run as subprocesses that join it through
 RAY_ADDRESS (the path a user takes on a real cluster). Two runs start side by side to share start-up time:
-run A trains 3 epochs straight; run B trains 2 epochs, then the same command with --epochs 3 resumes it.
-With the same seed the resumed run must end bit-identical to the straight one, which holds only if the
-parameters, optimizer state, scheduler state, epoch and every rank's RNG state were all restored exactly.
+run A trains 3 epochs straight; run B trains 2 epochs, with a worker SIGKILLed in the middle of its second
+epoch (Ray Train restarts the group from the first epoch's checkpoint), then the same command with --epochs 3
+resumes it. With the same seed run B must end bit-identical to run A, which holds only if the parameters,
+optimizer state, scheduler state, epoch and every rank's RNG state were all restored exactly, twice.
 """
 from __future__ import annotations
 
@@ -59,7 +60,10 @@ def runs(digits_shards, ray_address, tmp_path_factory):
     a = [*data, "--out", str(root / "a"), *SMALL, "--epochs", "3", "--set", "run.save_rank_states=true"]
     b = [*data, "--out", str(root / "b"), *SMALL]
     proc_a = start(a, ray_address, root / "a.log")
-    proc_b = start([*b, "--epochs", "2"], ray_address, root / "b1.log")
+    # rank 1 is SIGKILLed in run B's second epoch (global step 60 of 44 per epoch): Ray Train restarts the
+    # group from epoch 1's checkpoint
+    proc_b = start([*b, "--epochs", "2", "--set", "fault.kill_at_step=60", "--set", "fault.rank=1"], ray_address,
+                   root / "b1.log")
     logs = {"b1": finish(proc_b, root / "b1.log")}
     logs["b2"] = finish(start([*b, "--epochs", "3"], ray_address, root / "b2.log"), root / "b2.log")
     logs["a"] = finish(proc_a, root / "a.log")
@@ -99,6 +103,13 @@ def test_last_and_best_are_plain_weights_only_model_files(runs, digits_shards):
     # Ray Train kept the last and the best checkpoint only
     kept = sorted((runs["a"] / "ray").glob("checkpoint_*"))
     assert 1 <= len(kept) <= 2
+
+
+def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(runs):
+    log = runs["logs"]["b1"]
+    assert (runs["b"] / "faults" / "kill_at_step_60").is_file()     # trainer/faults.py fired
+    assert "resumed from" in log and "at epoch 2/2" in log       # FailureConfig(max_failures) restarted it
+    assert [r["epoch"] for r in read_metrics(runs["b"])] == [0, 1, 2]  # each epoch logged once
 
 
 def test_rerun_resumes_at_the_next_epoch_with_exactly_the_saved_state(runs):

@@ -5,6 +5,12 @@ The driver (:func:`fit`) joins or starts a Ray cluster and runs a ``TorchTrainer
 last checkpoint if there is one, then per epoch train, validate over exactly the val set (masked counts,
 all-reduced), and report a checkpoint. Rank 0 also writes RUN_DIR/metrics.jsonl, TensorBoard events,
 curves.png, last.pt and best.pt.
+
+Faults (README "Reliability"): with ``train.checkpoint_every N`` a checkpoint is also reported every N steps
+inside an epoch, holding every rank's loader position (DALI pipeline checkpoint), RNG states and running
+loss, so a group Ray Train restarts (``run.max_failures``) continues exactly where the checkpoint was taken.
+A NaN/inf loss or gradient stops the run (no retry, nothing saved from that step) or, with
+``train.skip_nonfinite``, skips the step. ``fault.*`` injects real failures (trainer/faults.py).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer import checkpoint as ckpt
+from trainer import faults
 from trainer.config import Config, config_from_dict
 from trainer.metrics import MetricsLog, topk_correct
 from trainer.model import AlexNet
@@ -107,14 +114,39 @@ def model_file(model: torch.nn.Module, cfg: Config, classes: list[str], record: 
                      "val_top1": record["val_top1"], "val_top5": record["val_top5"]}}
 
 
+def gather(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def gather_rng_states() -> list[dict]:
     """Every rank's RNG states, in rank order (dropout masks differ per rank, so each is kept)."""
-    state = ckpt.rng_state()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, state)
-    return out
+    return gather(ckpt.rng_state())
+
+
+def nonfinite_step(loss: torch.Tensor, grad_norm: torch.Tensor, device: torch.device) -> tuple[bool, float, float]:
+    """Whether any rank's loss or the (all-reduced) gradients are NaN/inf: (bad, summed loss, grad norm).
+
+    The gradient norm is taken after DDP's all-reduce, so it is the same on every rank, and the losses are
+    summed over ranks: every rank reaches the same verdict and they stop or skip together."""
+    loss_total, norm = all_reduce_sum([float(loss.detach()), float(grad_norm)], device)
+    return not (math.isfinite(loss_total) and math.isfinite(norm)), loss_total, norm
+
+
+def report_checkpoint(rank: int, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """Every rank reports; rank 0 attaches the training state as a Ray Train checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            torch.save(state, Path(tmp) / ckpt.TRAINING_STATE)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def worker_devices(cfg: Config) -> list[torch.device]:
@@ -171,19 +203,33 @@ def train_worker(loop_config: dict) -> None:
 
     optimizer = make_optimizer(net, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
-    start_epoch, best_top1 = 0, -1.0
+    start_epoch, start_step, best_top1 = 0, 0, -1.0
+    fresh_progress = {"loss_sum": 0.0, "seen": 0, "skipped": 0}   # this rank's share of the epoch so far
+    progress = dict(fresh_progress)
+    last_saved = "none"
 
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            state = torch.load(Path(d) / ckpt.TRAINING_STATE, map_location="cpu", weights_only=True)
+            state = ckpt.load(Path(d) / ckpt.TRAINING_STATE)   # weights_only: no pickled code runs
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
         if len(state["rng"]) == world:
             ckpt.set_rng_state(state["rng"][rank])
-        log(f"[trainer] resumed from {restored.path} at epoch {start_epoch + 1}/{cfg.train.epochs}")
+        ranks = state.get("ranks")   # set by a mid-epoch checkpoint: every rank's position in the epoch
+        if ranks and len(ranks) == world:
+            start_step = state["step"]
+            progress = {k: ranks[rank][k] for k in fresh_progress}
+            train_loader.load_state_dict(ranks[rank]["loader"])
+        elif ranks:
+            log(f"[trainer] the checkpoint was taken mid-epoch by {len(ranks)} workers, not {world}: "
+                f"epoch {start_epoch + 1} restarts from its first batch")
+        last_saved = f"epoch {start_epoch}" + (f" + {start_step} steps" if start_step else "")
+        if start_epoch < cfg.train.epochs:
+            log(f"[trainer] resumed from {restored.path} at epoch {start_epoch + 1}/{cfg.train.epochs}"
+                + (f" step {start_step + 1}/{steps}" if start_step else ""))
     else:
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)   # per-rank dropout masks
 
@@ -199,37 +245,75 @@ def train_worker(loop_config: dict) -> None:
     if start_epoch >= cfg.train.epochs:
         log(f"[trainer] {run_dir} is already trained for {cfg.train.epochs} epochs; nothing to do")
 
+    def training_state(epoch_done: int, step: int, ranks: list | None) -> dict[str, Any]:
+        return {"model": ckpt.plain_state_dict(net), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch_done, "best_top1": best_top1,
+                "rng": rng_states, "config": cfg.to_dict(), "classes": list(classes),
+                "resize_shorter": cfg.data.shorter_side(), "step": step, "ranks": ranks}
+
+    stopped = ""
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
+        first_step = start_step if epoch == start_epoch else 0
+        if epoch != start_epoch:
+            progress = dict(fresh_progress)
         model.train()
-        loss_sum, seen, t0 = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
+        loss_sum, t0 = torch.tensor(progress["loss_sum"], dtype=torch.float64, device=device), time.perf_counter()
+        seen, skipped = progress["seen"], progress["skipped"]
         t_window, window_images = t0, 0
-        for step, (images, labels) in enumerate(train_loader):
+        for step, (images, labels) in enumerate(train_loader, start=first_step):
             if step >= steps:
                 break
+            global_step = epoch * steps + step + 1
+            inject_nan = faults.before_step(cfg, rank, global_step)
             with autocast(cfg, device):
                 logits = model(images)
             loss = criterion(logits.float(), labels)
+            if inject_nan:
+                loss = loss * float("nan")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
+            params = [p for p in net.parameters() if p.grad is not None]
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip
+                         else torch.nn.utils.get_total_norm([p.grad for p in params]))
+            bad, loss_total, norm = nonfinite_step(loss, grad_norm, device)
+            if bad:
+                where = f"epoch {epoch + 1} step {step + 1}/{steps} (global step {global_step})"
+                if not cfg.train.skip_nonfinite:
+                    stopped = (f"non-finite loss or gradients at {where} (loss summed over ranks {loss_total}, "
+                               f"gradient norm {norm}); stopped with nothing saved from this step, the last good "
+                               f"checkpoint ({last_saved}) is kept: rerun with a lower optim.lr (now "
+                               f"{cfg.peak_lr():g} peak) or --set train.skip_nonfinite=true to skip such steps")
+                    break
+                skipped += 1
+                log(f"[trainer] skipped {where}: non-finite loss or gradients (train.skip_nonfinite)")
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler.per_step:
+                    scheduler.step()
+                continue
             optimizer.step()
             if scheduler.per_step:
                 scheduler.step()
             loss_sum += loss.detach().double() * labels.shape[0]
             seen += labels.shape[0]
             window_images += labels.shape[0] * world
+            every = cfg.train.checkpoint_every
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                mine = {"loss_sum": float(loss_sum), "seen": seen, "skipped": skipped,
+                        "loader": train_loader.state_dict(), "rng": ckpt.rng_state()}
+                ranks = gather(mine)
+                rng_states = [r.pop("rng") for r in ranks]
+                report_checkpoint(rank, {"epoch": epoch, "step": step + 1, "val_top1": -1.0, "mid_epoch": 1},
+                                  training_state(epoch - 1, step + 1, ranks) if rank == 0 else None)
+                last_saved = f"epoch {epoch} + {step + 1} steps"
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
                 current = float(loss.detach())
-                if not math.isfinite(current):
-                    raise FloatingPointError(
-                        f"loss is {current} at epoch {epoch + 1} step {step + 1}; lower optim.lr "
-                        f"(now {cfg.peak_lr():g} peak) or raise schedule.warmup_epochs")
                 now = time.perf_counter()
                 log(f"[trainer] epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{steps} loss {current:.4f} "
                     f"lr {optimizer.param_groups[0]['lr']:.4g} {window_images / (now - t_window):.1f} images/s")
                 t_window, window_images = now, 0
+        if stopped:
+            break
         train_time = time.perf_counter() - t0
         train_loss_sum, train_seen = all_reduce_sum([float(loss_sum), seen], device)
 
@@ -245,30 +329,28 @@ def train_worker(loop_config: dict) -> None:
         record = {"epoch": epoch, "train_loss": train_loss_sum / train_seen, "val_loss": v["loss_sum"] / v["n"],
                   "val_top1": val_top1, "val_top5": val_top5, "val_n": int(v["n"]), "lr": lr_used,
                   "images_per_s": train_seen / train_time, "epoch_time_s": time.perf_counter() - t0,
-                  "workers": world, "global_batch": per_rank_batch * world}
+                  "workers": world, "global_batch": per_rank_batch * world,
+                  "skipped_steps": int(all_reduce_sum([skipped], device)[0]) // world}
         rng_states = gather_rng_states()
         if cfg.run.save_rank_states:
             ckpt.atomic_save(ckpt.plain_state_dict(net), run_dir / "rank_states" / f"rank{rank}.pt")
 
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                log(f"[trainer] epoch {epoch + 1}/{cfg.train.epochs} train_loss {record['train_loss']:.4f} "
-                    f"val top-1 {100 * val_top1:.2f} % top-5 {100 * val_top5:.2f} % (n={int(v['n'])}) "
-                    f"{record['images_per_s']:.1f} images/s")
-                metrics.log(record)
-                files = model_file(net, cfg, classes, record)
-                ckpt.atomic_save(files, run_dir / "last.pt")
-                if is_best:
-                    ckpt.atomic_save(files, run_dir / "best.pt")
-                torch.save({"model": files["model"], "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_top1": best_top1,
-                            "rng": rng_states, "config": cfg.to_dict(), "classes": list(classes),
-                            "resize_shorter": cfg.data.shorter_side()},
-                           Path(tmp) / ckpt.TRAINING_STATE)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({k: record[k] for k in ("epoch", "train_loss", "val_top1", "val_top5", "lr",
-                                                     "images_per_s")}, checkpoint=checkpoint)
+        if rank == 0:
+            log(f"[trainer] epoch {epoch + 1}/{cfg.train.epochs} train_loss {record['train_loss']:.4f} "
+                f"val top-1 {100 * val_top1:.2f} % top-5 {100 * val_top5:.2f} % (n={int(v['n'])}) "
+                f"{record['images_per_s']:.1f} images/s")
+            metrics.log(record)
+            files = model_file(net, cfg, classes, record)
+            ckpt.atomic_save(files, run_dir / "last.pt")
+            if is_best:
+                ckpt.atomic_save(files, run_dir / "best.pt")
+        report_checkpoint(rank, {k: record[k] for k in ("epoch", "train_loss", "val_top1", "val_top5", "lr",
+                                                        "images_per_s")},
+                          training_state(epoch, 0, None) if rank == 0 else None)
+        last_saved = f"epoch {epoch + 1}"
+    if stopped:  # every rank got here together; report instead of raising so Ray Train does not retry
+        log(f"[trainer] {stopped}")
+        ray.train.report({"stopped": stopped})
     if metrics is not None:
         metrics.close()
 
@@ -297,6 +379,36 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float) -
              log_to_driver=True)
 
 
+def wait_for_placement(num_workers: int, per_worker: dict[str, float], timeout_s: float) -> None:
+    """Return once the cluster's live nodes can hold every worker (each on one node), or fail after
+    ``timeout_s`` (an autoscaling cluster may add nodes meanwhile) instead of waiting forever."""
+    import ray
+
+    deadline, fits, nodes = time.monotonic() + timeout_s, 0, []
+    while True:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        fits = sum(min(int(node.get(k, 0) // v) for k, v in per_worker.items() if v > 0) for node in nodes)
+        if fits >= num_workers:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+    have = ", ".join("{" + ", ".join(f"{k}: {n.get(k, 0):g}" for k in per_worker) + "}" for n in nodes) or "none"
+    want = ", ".join(f"{k}: {v:g}" for k, v in per_worker.items())
+    raise ValueError(f"the Ray cluster can place {fits} of {num_workers} workers needing {{{want}}} each "
+                     f"(live nodes: {have}) after waiting {timeout_s:g} s (run.placement_timeout_s); lower --workers "
+                     f"or run.cpus_per_worker / --gpus-per-worker, or add nodes")
+
+
+def worker_error(error: BaseException) -> BaseException:
+    """A bad-input error raised in a worker (e.g. a ShardError), as the one-line ValueError it was."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        base = getattr(failure, "_base_exc", failure)   # Ray Train wraps it with its traceback text
+        if isinstance(base, ValueError):
+            return ValueError(str(base).strip().splitlines()[-1])
+    return error
+
+
 def check_run_dir(cfg: Config, classes: list[str]) -> None:
     """A rerun with the same RUN_DIR resumes; refuse one whose model would not load the saved weights."""
     saved = Path(cfg.run.out) / "config.json"
@@ -319,7 +431,6 @@ def fit(cfg: Config) -> dict[str, Any]:
     """Train as ``cfg`` says; return the last reported metrics (empty when there was nothing left to do)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-    from shards.manifest import load_classes
 
     cfg.run.out = str(Path(cfg.run.out).resolve())
     cfg.data.train, cfg.data.val = _absolute(cfg.data.train), _absolute(cfg.data.val)
@@ -327,22 +438,24 @@ def fit(cfg: Config) -> dict[str, Any]:
         from shards.stage import source_classes
         cfg.data.stage_to = str(Path(cfg.data.stage_to).resolve())
         classes, val_classes = source_classes(cfg.data.train), source_classes(cfg.data.val)
-    else:
-        classes, val_classes = load_classes(cfg.data.train), load_classes(cfg.data.val)
+    else:  # a missing, empty, truncated or label-less split fails here in one line, not in every worker
+        from pipeline.shardset import ShardSet
+        classes, val_classes = list(ShardSet.open(cfg.data.train).classes), list(ShardSet.open(cfg.data.val).classes)
     if val_classes != classes:
         raise ValueError(f"{cfg.data.val}/classes.json differs from {cfg.data.train}/classes.json; rebuild val with "
                          f"`python -m shards build ... --classes {cfg.data.train}/classes.json`")
     check_run_dir(cfg, classes)
     run_dir = Path(cfg.run.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps({"config": cfg.to_dict(), "classes": classes}, indent=1))
-    os.replace(tmp, run_dir / "config.json")
 
     init_ray(cfg.run.workers, cfg.run.cpus_per_worker, cfg.run.gpus_per_worker)
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.on_gpu():
         resources["GPU"] = cfg.run.gpus_per_worker
+    wait_for_placement(cfg.run.workers, resources, cfg.run.placement_timeout_s)
+    run_dir.mkdir(parents=True, exist_ok=True)   # only now: a refused run leaves no RUN_DIR behind
+    tmp = run_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps({"config": cfg.to_dict(), "classes": classes}, indent=1))
+    os.replace(tmp, run_dir / "config.json")
     print(f"[trainer] fit: {cfg.run.workers} worker(s) x {resources}, global batch {cfg.train.batch_size}, "
           f"preset {cfg.preset}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, {len(classes)} classes, "
           f"run dir {run_dir}")
@@ -360,5 +473,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     )
     result = trainer.fit()
     if result.error is not None:
-        raise result.error
+        raise worker_error(result.error)
+    if (result.metrics or {}).get("stopped"):
+        raise faults.TrainingStopped(result.metrics["stopped"])
     return dict(result.metrics or {})
