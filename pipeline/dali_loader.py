@@ -268,13 +268,23 @@ class _DaliLoader:
                     if not _about_data(e):
                         raise
                     raise _shard_error(e, self.shardset, self._suspects(step)) from None
-                labels = parse_labels(cls).to(self.device, non_blocking=True)
+                labels = parse_labels(cls)
+                if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.shardset.classes):
+                    raise self._label_error(labels, step)
+                labels = labels.to(self.device, non_blocking=True)
                 batch = (finish_images(to_torch(images, self.device), self.cfg), labels)
                 self._step = step + 1
                 yield batch + ((sample_keys(source[0]),) if source else ())
         finally:
             self._pipe = None
             del pipe
+
+    def _label_error(self, labels: torch.Tensor, step: int) -> ShardError:
+        n = len(self.shardset.classes)
+        bad = sorted({int(x) for x in labels if not 0 <= int(x) < n})
+        where = ", ".join(self._suspects(step)[:3]) or self.shardset.root
+        return ShardError(f"{where}: a sample has label {bad[0]}, outside 0..{n - 1} (classes.json lists {n} classes); "
+                          f"find it with `python -m shards verify {self.shardset.root}` and rebuild the split")
 
     def _suspects(self, step: int) -> list[str]:
         """The tars batch ``step`` can have come from: the reader has read at most the batches so far,

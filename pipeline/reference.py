@@ -111,7 +111,7 @@ def rebatch(batches: Iterable[tuple], size: int) -> Iterator[tuple]:
 
 # --- one image ----------------------------------------------------------------------------------
 
-def decode(sample: dict, shard_of_url) -> tuple[Image.Image, int]:
+def decode(sample: dict, shard_of_url, num_classes: int | None = None) -> tuple[Image.Image, int]:
     url = sample.get("__url__", "?")
     for need in ("jpg", "cls"):
         if need not in sample:
@@ -124,6 +124,9 @@ def decode(sample: dict, shard_of_url) -> tuple[Image.Image, int]:
     except Exception as e:
         raise ShardError(f"{shard_of_url(url)}: sample {sample.get('__key__')} is unreadable "
                          f"({type(e).__name__}: {e}); rebuild the split with `python -m shards build`") from None
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ShardError(f"{shard_of_url(url)}: sample {sample.get('__key__')} has label {label}, outside 0..{num_classes - 1} "
+                         f"(classes.json lists {num_classes} classes); rebuild the split with `python -m shards build`")
     return image, label
 
 
@@ -231,7 +234,7 @@ class _RankSlice(IterableDataset):
         if self.train:
             items = buffer_shuffle(items, max(1, cfg.shuffle_buffer // workers), rng)
         for position, sample in items:
-            image, label = decode(sample, self.shardset.shard_of)
+            image, label = decode(sample, self.shardset.shard_of, len(self.shardset.classes))
             pixels = train_transform(image, cfg, rng) if self.train else eval_transform(image, cfg)
             yield pixels, label, sample["__key__"]
 

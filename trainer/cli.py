@@ -6,6 +6,7 @@ import json
 import sys
 
 from trainer.config import PRESETS, build_config
+from trainer.faults import TrainingStopped
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,4 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # e.g. a NaN loss: the run stopped on purpose, its last good checkpoint kept
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0

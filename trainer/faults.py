@@ -17,6 +17,10 @@ from pathlib import Path
 from trainer.config import Config
 
 
+class TrainingStopped(RuntimeError):
+    """A run stopped on purpose (a non-finite loss): retrying would fail the same way, so it is not retried."""
+
+
 def _fire_once(run_dir: Path, name: str) -> bool:
     """True the first time ``name`` fires in this run directory (the marker is on disk before it fires)."""
     marker = run_dir / "faults" / name

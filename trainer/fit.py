@@ -36,6 +36,7 @@ from trainer.model import AlexNet
 from trainer.schedule import make_optimizer, make_scheduler
 
 RAY_SUBDIR = "ray"
+STOPPED = "stopped.txt"   # why a run stopped on purpose (written by rank 0, read by the driver)
 
 
 # ---------------------------------------------------------------------------------------- pieces
@@ -348,9 +349,10 @@ def train_worker(loop_config: dict) -> None:
                                                         "images_per_s")},
                           training_state(epoch, 0, None) if rank == 0 else None)
         last_saved = f"epoch {epoch + 1}"
-    if stopped:  # every rank got here together; report instead of raising so Ray Train does not retry
+    if stopped:  # every rank got here together; return instead of raising, so Ray Train does not retry
         log(f"[trainer] {stopped}")
-        ray.train.report({"stopped": stopped})
+        if rank == 0:
+            (run_dir / STOPPED).write_text(stopped + "\n")
     if metrics is not None:
         metrics.close()
 
@@ -456,6 +458,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     tmp = run_dir / ".config.json.tmp"
     tmp.write_text(json.dumps({"config": cfg.to_dict(), "classes": classes}, indent=1))
     os.replace(tmp, run_dir / "config.json")
+    (run_dir / STOPPED).unlink(missing_ok=True)   # left by a run that stopped on a NaN; this one starts over
     print(f"[trainer] fit: {cfg.run.workers} worker(s) x {resources}, global batch {cfg.train.batch_size}, "
           f"preset {cfg.preset}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, {len(classes)} classes, "
           f"run dir {run_dir}")
@@ -474,6 +477,6 @@ def fit(cfg: Config) -> dict[str, Any]:
     result = trainer.fit()
     if result.error is not None:
         raise worker_error(result.error)
-    if (result.metrics or {}).get("stopped"):
-        raise faults.TrainingStopped(result.metrics["stopped"])
+    if (run_dir / STOPPED).is_file():
+        raise faults.TrainingStopped((run_dir / STOPPED).read_text().strip())
     return dict(result.metrics or {})
