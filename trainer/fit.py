@@ -474,7 +474,13 @@ def fit(cfg: Config) -> dict[str, Any]:
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray Train raises the group's error; a worker's bad-input error becomes one line
+        one_line = worker_error(e)
+        if one_line is e:
+            raise
+        raise one_line from None
     if result.error is not None:
         raise worker_error(result.error)
     if (run_dir / STOPPED).is_file():
