@@ -150,6 +150,35 @@ def report_checkpoint(rank: int, metrics: dict[str, Any], state: dict[str, Any] 
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def newest_training_state(ray_dir: Path, registered) -> tuple[str | None, dict[str, Any] | None]:
+    """The newest checkpoint that loads: a ``checkpoint_*`` directory on the storage path, else Ray's own.
+
+    Ray Train learns of a reported checkpoint by polling its workers, so one reported just before a
+    worker died can be on disk yet unknown to the controller, which then hands back an older one (seen on
+    a loaded 2-core machine: a restart from scratch instead of from step 3). Rank 0 picks the newest
+    directory whose state loads (an upload cut short does not) and every rank loads that one. With remote
+    storage (s3://, gs://) nothing is on local disk and Ray's registered checkpoint is used."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    choice, state = None, None
+    if rank0:
+        for path in sorted(ray_dir.glob("checkpoint_*"), reverse=True) if ray_dir.is_dir() else []:
+            try:
+                state = ckpt.load(path / ckpt.TRAINING_STATE)   # weights_only: no pickled code runs
+            except Exception:   # missing or cut short by the failure: fall back to the one before
+                continue
+            choice = str(path)
+            break
+        if choice is None and registered is not None:
+            choice = "registered"
+    choice = gather(choice)[0]
+    if choice == "registered":
+        with registered.as_directory() as d:
+            return registered.path, ckpt.load(Path(d) / ckpt.TRAINING_STATE)
+    if choice is not None and state is None:
+        state = ckpt.load(Path(choice) / ckpt.TRAINING_STATE)
+    return choice, state
+
+
 def worker_devices(cfg: Config) -> list[torch.device]:
     """The devices Ray Train assigned to this worker (two CPU 'devices' for a CPU model split)."""
     import ray.train.torch
@@ -209,10 +238,8 @@ def train_worker(loop_config: dict) -> None:
     progress = dict(fresh_progress)
     last_saved = "none"
 
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = ckpt.load(Path(d) / ckpt.TRAINING_STATE)   # weights_only: no pickled code runs
+    restored, state = newest_training_state(run_dir / RAY_SUBDIR, ray.train.get_checkpoint())
+    if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -229,7 +256,7 @@ def train_worker(loop_config: dict) -> None:
                 f"epoch {start_epoch + 1} restarts from its first batch")
         last_saved = f"epoch {start_epoch}" + (f" + {start_step} steps" if start_step else "")
         if start_epoch < cfg.train.epochs:
-            log(f"[trainer] resumed from {restored.path} at epoch {start_epoch + 1}/{cfg.train.epochs}"
+            log(f"[trainer] resumed from {restored} at epoch {start_epoch + 1}/{cfg.train.epochs}"
                 + (f" step {start_step + 1}/{steps}" if start_step else ""))
     else:
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)   # per-rank dropout masks
