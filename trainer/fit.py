@@ -164,7 +164,8 @@ def newest_training_state(ray_dir: Path, registered) -> tuple[str | None, dict[s
         for path in sorted(ray_dir.glob("checkpoint_*"), reverse=True) if ray_dir.is_dir() else []:
             try:
                 state = ckpt.load(path / ckpt.TRAINING_STATE)   # weights_only: no pickled code runs
-            except Exception:   # missing or cut short by the failure: fall back to the one before
+            except Exception as error:   # cut short by the failure, or refused: fall back to the one before
+                say(f"[trainer] not resuming from {path}: {str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}")
                 continue
             choice = str(path)
             break
