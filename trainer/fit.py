@@ -165,7 +165,8 @@ def newest_training_state(ray_dir: Path, registered) -> tuple[str | None, dict[s
             try:
                 state = ckpt.load(path / ckpt.TRAINING_STATE)   # weights_only: no pickled code runs
             except Exception as error:   # cut short by the failure, or refused: fall back to the one before
-                say(f"[trainer] not resuming from {path}: {str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}")
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+                say(f"[trainer] not resuming from {path}: {reason}")
                 continue
             choice = str(path)
             break
