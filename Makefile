@@ -29,6 +29,8 @@ test: setup
 
 bench: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/shards.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/pipeline_bench.py --repeat 3
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/train.py
 
 clean:
 	rm -rf $(DEMO_DIR) runs .pytest_cache
