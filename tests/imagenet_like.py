@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.sample_data import photo_crops
 
 
 @dataclass

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 
 from shards.tarfmt import ShardWriter
 from trainer.checkpoint import atomic_save

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.config import Config, build_config, config_from_dict, modern_preset, paper_preset
+from trainer.config import build_config, config_from_dict, modern_preset, paper_preset
 from trainer.metrics import MetricsLog, read_metrics, topk_correct
 from trainer.model import AlexNet, count_parameters
 from trainer.schedule import PlateauDivider, WarmupCosine, make_optimizer

@@ -249,7 +249,7 @@ def test_val_agrees_with_the_reference_loader(photo_shards, digits_shards, shard
 
 def test_ten_crop_is_the_papers_ten_patches(photo_shards):
     cfg = cfg_for(photo_shards, batch_size=8, ten_crop=True)
-    (x, y, m), = [next(iter(make_eval_loader(cfg, "dali")))]
+    (x, _, _), = [next(iter(make_eval_loader(cfg, "dali")))]
     assert x.shape == (8, 10, 3, 224, 224)
     (centre, _, _), = [next(iter(make_eval_loader(cfg.replace(ten_crop=False), "dali")))]
     assert torch.equal(x[:, 4], centre)                        # patch 4 is the centre crop

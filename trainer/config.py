@@ -15,7 +15,6 @@ The YAML file mirrors the dataclasses::
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
