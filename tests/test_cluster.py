@@ -26,11 +26,10 @@ def load(name: str) -> dict:
 
 
 def documented_fit_args() -> list[str]:
-    """The `python -m trainer fit` arguments of the README's `cluster/submit.sh -- ...` command."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Run on a cluster", 1)[1]
-    m = re.search(r"^cluster/submit\.sh -- \\\n((?:.*\\\n)*.*)$", section, re.M)
-    assert m, "README's 'Run on a cluster' lost its `cluster/submit.sh -- \\` command"
+    """The `python -m trainer fit` arguments of docs/cluster.md's `cluster/submit.sh -- ...` command."""
+    text = (REPO / "docs" / "cluster.md").read_text()
+    m = re.search(r"^cluster/submit\.sh -- \\\n((?:.*\\\n)*.*)$", text, re.M)
+    assert m, "docs/cluster.md lost its `cluster/submit.sh -- \\` command"
     return shlex.split(m.group(1).replace("\\\n", " "))
 
 

@@ -2,7 +2,7 @@
 
 The test starts its own head (`ray start --head --block`) on 127.0.0.1, on free ports and in a private
 temp dir and HOME (so `ray get-auth-token --generate` writes the token to *its* ~/.ray/auth_token, exactly
-as the README says, without touching the real one), submits through `cluster/submit.sh`, and stops only
+as docs/cluster.md says, without touching the real one), submits through `cluster/submit.sh`, and stops only
 the processes it started: everything in the session of the `ray start` process (never a global
 `ray stop`, which would kill other people's clusters).
 """
@@ -157,7 +157,7 @@ def test_submission_without_the_token_is_refused(local_head):
 
 
 def test_training_job_submitted_to_the_cluster_succeeds(local_head, digits_shards, tmp_path):
-    """The README's submission, scaled down: shards staged by each node (--stage-to) from a file:// URL,
+    """docs/cluster.md's submission, scaled down: shards staged by each node (--stage-to) from a file:// URL,
     two CPU workers, one short epoch; the run dir gets its checkpoint and metrics."""
     import torch
 
