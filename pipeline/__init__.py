@@ -2,7 +2,8 @@
 
 ``kind="dali"`` builds the DALI graph (:mod:`pipeline.dali_loader`); ``kind="reference"`` uses Pillow +
 webdataset + a torch DataLoader (:mod:`pipeline.reference`) and works without DALI installed: DALI
-is imported only when asked for.
+is imported only when asked for. Both subclass :class:`pipeline.loader.Loader`: the rank's slice, epochs,
+``len()``, ``state_dict()`` and the up-front checks live there once.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import numpy as np
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
-# PCA of ImageNet RGB values on the 0-1 scale (fb.resnet.torch; ../shared/FACTS.md section 4).
+# PCA of ImageNet RGB values on the 0-1 scale (from fb.resnet.torch; the paper, section 4.1).
 # Columns of PCA_EIGVEC are the eigenvectors p_i, PCA_EIGVAL the eigenvalues lambda_i.
 PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
 PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
@@ -24,6 +24,8 @@ PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                        [-0.5836, -0.6948, 0.4203]])
 # The paper's alpha_i ~ N(0, 0.1).
 LIGHTING_STD = 0.1
+# The paper's ten test patches: these five (y, x) positions (TL TR BL BR C), then the same mirrored.
+TEN_CROP_POSITIONS = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0), (0.5, 0.5))
 
 
 def lighting_matrix_255() -> np.ndarray:

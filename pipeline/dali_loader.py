@@ -31,13 +31,14 @@ from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from shards.manifest import ShardError
 
-from .config import (IMAGENET_MEAN_255, IMAGENET_STD_255, LIGHTING_STD, LoaderConfig, derive_seed,
-                     lighting_matrix_255)
-from .shardset import ShardSet, eval_steps, rank_range, train_steps
+from .config import (IMAGENET_MEAN_255, IMAGENET_STD_255, LIGHTING_STD, TEN_CROP_POSITIONS, LoaderConfig,
+                     derive_seed, lighting_matrix_255)
+from .loader import Loader, label_error
+from .shardset import ShardSet
 
 # NVIDIA's ImageNet settings for the nvJPEG decoder (DALI's ResNet-50 example): preallocate for the
 # largest ImageNet image (6430 x 5980) so no batch reallocates mid-epoch, and give the A100-class
-# hardware decoder 75 % of the images (DALI issue 5362). Unmeasured here: this machine has no GPU.
+# hardware decoder 75 % of the images (github.com/NVIDIA/DALI/issues/5362). Unmeasured here: this machine has no GPU.
 GPU_DECODER_SETTINGS = dict(
     device_memory_padding=211_025_920,
     host_memory_padding=140_544_512,
@@ -45,8 +46,6 @@ GPU_DECODER_SETTINGS = dict(
     preallocate_height_hint=6430,
     hw_decoder_load=0.75,
 )
-
-TEN_CROP_POSITIONS = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0), (0.5, 0.5))  # (y, x): TL TR BL BR C
 
 _DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
 
@@ -70,7 +69,7 @@ def _paper_window(jpegs, frac: float):
 
 
 def _lighting_mean(enabled: bool):
-    """The paper's PCA lighting folded into normalisation (../shared/FACTS.md section 4).
+    """The paper's PCA lighting (section 4.1) folded into normalisation (see docs/pipeline.md).
 
     shift = V diag(lambda) alpha * 255 with alpha ~ N(0, 0.1)^3 drawn per image, and
     (x + shift - mean) / std == (x - (mean - shift)) / std, so the per-sample ``mean`` of
@@ -195,14 +194,6 @@ def parse_labels(cls_batch) -> torch.Tensor:
                         dtype=torch.int64)
 
 
-def check_device(cfg: LoaderConfig) -> torch.device:
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not (torch.cuda.is_available() and device.index < torch.cuda.device_count()):
-        raise ValueError(f"LoaderConfig.device={cfg.device!r}: no such CUDA device here "
-                         f"({torch.cuda.device_count()} visible); use device=\"cpu\" or the device Ray assigned")
-    return device
-
-
 def sample_keys(source_info) -> list[str]:
     """Sample keys (``__key__``) from DALI's ``source_info`` strings ``/dir/x.tar:offset:key.jpg``."""
     return [np.array(source_info[i]).tobytes().decode().rsplit(":", 1)[1].rsplit(".", 1)[0]
@@ -218,44 +209,21 @@ def finish_images(images: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:
     return images
 
 
-class _DaliLoader:
-    def __init__(self, cfg: LoaderConfig, *, train: bool):
-        self.cfg = cfg
-        self.train = train
-        self.shardset = ShardSet.open(cfg.shard_dir)
-        self.device = check_device(cfg)
-        self.epoch = 0
-        self.with_source = False  # tests: also yield each row's sample key
-        self._resume: dict | None = None   # a state_dict() to continue from in its epoch
-        self._pipe, self._step = None, 0   # the live pipeline and the batches it has handed out
-        n, ws, b = self.shardset.num_samples, cfg.world_size, cfg.batch_size
-        self.steps = train_steps(n, ws, b) if train else eval_steps(n, ws, b)
-        if self.steps < 1:
-            raise ValueError(f"LoaderConfig.batch_size={b}: {cfg.shard_dir} has {n} samples, fewer than "
-                             f"one batch per rank for world_size={ws}; lower batch_size")
-        self.rank_start, rank_stop = rank_range(n, cfg.rank, ws)
-        self.rank_samples = rank_stop - self.rank_start
+class _DaliLoader(Loader):
+    """Each epoch builds a fresh DALI pipeline; ``state_dict()`` adds its checkpoint under ``"dali"``."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if self._resume is not None and self._resume["epoch"] != self.epoch:
-            self._resume = None
-
-    def __len__(self) -> int:
-        return self.steps
+    def __init__(self, cfg: LoaderConfig):
+        super().__init__(cfg)
+        self._pipe = None   # the live pipeline, while iterating
 
     def state_dict(self) -> dict:
         """Where the current epoch stands: ``{"epoch", "step", "dali"}`` (training loaders, mid-iteration)."""
         if self._pipe is None:
             raise RuntimeError("state_dict() is taken while iterating a training loader")
-        return {"epoch": self.epoch, "step": self._step, "dali": self._pipe.checkpoint()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue epoch ``state["epoch"]`` after its first ``state["step"]`` batches on the next iteration."""
-        self.epoch, self._resume = int(state["epoch"]), dict(state)
+        return {**super().state_dict(), "dali": self._pipe.checkpoint()}
 
     def _batches(self):
-        resume, self._resume = self._resume, None
+        resume = self._take_resume()
         start = resume["step"] if resume else 0
         pipe = build_pipeline(self.cfg, self.shardset, train=self.train, epoch=self.epoch,
                               with_source=self.with_source, checkpoint=resume["dali"] if resume else None)
@@ -272,9 +240,9 @@ class _DaliLoader:
                 if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.shardset.classes):
                     raise self._label_error(labels, step)
                 labels = labels.to(self.device, non_blocking=True)
-                batch = (finish_images(to_torch(images, self.device), self.cfg), labels)
                 self._step = step + 1
-                yield batch + ((sample_keys(source[0]),) if source else ())
+                yield self._with_keys((finish_images(to_torch(images, self.device), self.cfg), labels),
+                                      sample_keys(source[0]) if source else [])
         finally:
             self._pipe = None
             del pipe
@@ -283,8 +251,7 @@ class _DaliLoader:
         n = len(self.shardset.classes)
         bad = sorted({int(x) for x in labels if not 0 <= int(x) < n})
         where = ", ".join(self._suspects(step)[:3]) or self.shardset.root
-        return ShardError(f"{where}: a sample has label {bad[0]}, outside 0..{n - 1} (classes.json lists {n} classes); "
-                          f"find it with `python -m shards verify {self.shardset.root}` and rebuild the split")
+        return label_error(where, "a sample", bad[0], n, self.shardset.root)
 
     def _suspects(self, step: int) -> list[str]:
         """The tars batch ``step`` can have come from: the reader has read at most the batches so far,
@@ -299,9 +266,7 @@ class _DaliLoader:
 
 class DaliTrainLoader(_DaliLoader):
     """``len(loader)`` full batches of ``(images, labels)`` per epoch, identical on every rank."""
-
-    def __init__(self, cfg: LoaderConfig):
-        super().__init__(cfg, train=True)
+    train = True
 
     def __iter__(self):
         return self._batches()
@@ -310,12 +275,8 @@ class DaliTrainLoader(_DaliLoader):
 class DaliEvalLoader(_DaliLoader):
     """``(images, labels, mask)``: the rank's slice in stored order, padded to ``len(loader)``
     batches on every rank; ``mask`` is False on the padding rows."""
-
-    def __init__(self, cfg: LoaderConfig):
-        super().__init__(cfg, train=False)
+    train = False
 
     def __iter__(self):
-        b = self.cfg.batch_size
         for step, (images, labels, *keys) in enumerate(self._batches()):
-            position = torch.arange(step * b, (step + 1) * b)
-            yield (images, labels, (position < self.rank_samples).to(self.device), *keys)
+            yield (images, labels, self._mask(step), *keys)

@@ -29,9 +29,10 @@ from webdataset.tariterators import tarfile_samples
 
 from shards.manifest import ShardError
 
-from .config import (IMAGENET_MEAN_255, IMAGENET_STD_255, LIGHTING_STD, LoaderConfig, derive_seed,
-                     lighting_matrix_255)
-from .shardset import Shard, ShardSet, eval_steps, rank_range, train_steps
+from .config import (IMAGENET_MEAN_255, IMAGENET_STD_255, LIGHTING_STD, TEN_CROP_POSITIONS, LoaderConfig,
+                     derive_seed, lighting_matrix_255)
+from .loader import Loader, label_error
+from .shardset import Shard, ShardSet, rank_range
 
 _MEAN = np.array(IMAGENET_MEAN_255, dtype=np.float32)
 _STD = np.array(IMAGENET_STD_255, dtype=np.float32)
@@ -111,22 +112,21 @@ def rebatch(batches: Iterable[tuple], size: int) -> Iterator[tuple]:
 
 # --- one image ----------------------------------------------------------------------------------
 
-def decode(sample: dict, shard_of_url, num_classes: int | None = None) -> tuple[Image.Image, int]:
-    url = sample.get("__url__", "?")
+def decode(sample: dict, shardset: ShardSet) -> tuple[Image.Image, int]:
+    where = shardset.shard_of(sample.get("__url__", "?"))
     for need in ("jpg", "cls"):
         if need not in sample:
-            raise ShardError(f"{shard_of_url(url)}: sample {sample.get('__key__')} has no {need!r} component; "
+            raise ShardError(f"{where}: sample {sample.get('__key__')} has no {need!r} component; "
                              "rebuild the split with `python -m shards build`")
     try:
         image = Image.open(io.BytesIO(sample["jpg"]))
         image = image.convert("RGB")
         label = int(sample["cls"])
     except Exception as e:
-        raise ShardError(f"{shard_of_url(url)}: sample {sample.get('__key__')} is unreadable "
+        raise ShardError(f"{where}: sample {sample.get('__key__')} is unreadable "
                          f"({type(e).__name__}: {e}); rebuild the split with `python -m shards build`") from None
-    if num_classes is not None and not 0 <= label < num_classes:
-        raise ShardError(f"{shard_of_url(url)}: sample {sample.get('__key__')} has label {label}, outside 0..{num_classes - 1} "
-                         f"(classes.json lists {num_classes} classes); rebuild the split with `python -m shards build`")
+    if not 0 <= label < len(shardset.classes):
+        raise label_error(where, f"sample {sample.get('__key__')}", label, len(shardset.classes), shardset.root)
     return image, label
 
 
@@ -203,9 +203,6 @@ def train_transform(image: Image.Image, cfg: LoaderConfig, rng: random.Random) -
     return normalize(image, shift)
 
 
-TEN_CROP_POSITIONS = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0), (0.5, 0.5))  # (y, x): TL TR BL BR C
-
-
 def eval_transform(image: Image.Image, cfg: LoaderConfig) -> torch.Tensor:
     image = resize_shorter(image, cfg.resize_shorter)
     if not cfg.ten_crop:
@@ -234,7 +231,7 @@ class _RankSlice(IterableDataset):
         if self.train:
             items = buffer_shuffle(items, max(1, cfg.shuffle_buffer // workers), rng)
         for position, sample in items:
-            image, label = decode(sample, self.shardset.shard_of, len(self.shardset.classes))
+            image, label = decode(sample, self.shardset)
             pixels = train_transform(image, cfg, rng) if self.train else eval_transform(image, cfg)
             yield pixels, label, sample["__key__"]
 
@@ -247,40 +244,8 @@ def _one_line(e: Exception) -> ShardError:
     return ShardError(str(e).strip().splitlines()[-1])
 
 
-class _ReferenceLoader:
-    def __init__(self, cfg: LoaderConfig, *, train: bool):
-        self.cfg, self.train = cfg, train
-        self.shardset = ShardSet.open(cfg.shard_dir)
-        self.device = torch.device(cfg.device)
-        if self.device.type == "cuda" and not (torch.cuda.is_available()
-                                               and self.device.index < torch.cuda.device_count()):
-            raise ValueError(f"LoaderConfig.device={cfg.device!r}: no such CUDA device here; use device=\"cpu\"")
-        self.epoch = 0
-        self.with_source = False  # tests: also yield each row's sample key
-        self._resume_step, self._step = 0, 0   # batches to skip on the next iteration; handed out so far
-        n, ws, b = self.shardset.num_samples, cfg.world_size, cfg.batch_size
-        self.steps = train_steps(n, ws, b) if train else eval_steps(n, ws, b)
-        if self.steps < 1:
-            raise ValueError(f"LoaderConfig.batch_size={b}: {cfg.shard_dir} has {n} samples, fewer than "
-                             f"one batch per rank for world_size={ws}; lower batch_size")
-        start, stop = rank_range(n, cfg.rank, ws)
-        self.rank_samples = stop - start
-
-    def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self._resume_step = 0
-        self.epoch = int(epoch)
-
-    def state_dict(self) -> dict:
-        """Where the current epoch stands: ``{"epoch", "step"}`` (batches handed out so far)."""
-        return {"epoch": self.epoch, "step": self._step}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue epoch ``state["epoch"]`` after its first ``state["step"]`` batches (replayed, not yielded)."""
-        self.epoch, self._resume_step = int(state["epoch"]), int(state["step"])
-
-    def __len__(self) -> int:
-        return self.steps
+class _ReferenceLoader(Loader):
+    """Each epoch is a fresh DataLoader over the rank's slice; resuming replays the epoch's first batches."""
 
     def _batches(self):
         cfg = self.cfg
@@ -301,40 +266,38 @@ class _ReferenceLoader:
 
 
 class ReferenceTrainLoader(_ReferenceLoader):
-    def __init__(self, cfg: LoaderConfig):
-        super().__init__(cfg, train=True)
+    train = True
 
     def __iter__(self):
-        skip, self._resume_step = self._resume_step, 0
+        resume = self._take_resume()
+        skip = int(resume["step"]) if resume else 0
         for step, (images, labels, keys) in enumerate(self._batches()):
             if step == self.steps:
                 break
             if step < skip:
                 continue
             self._step = step + 1
-            yield (self._finish(images), labels.to(self.device)) + ((keys,) if self.with_source else ())
+            yield self._with_keys((self._finish(images), labels.to(self.device)), keys)
 
 
 class ReferenceEvalLoader(_ReferenceLoader):
-    def __init__(self, cfg: LoaderConfig):
-        super().__init__(cfg, train=False)
+    train = False
 
     def __iter__(self):
         cfg, step = self.cfg, 0
         b, size = cfg.batch_size, cfg.image_size
         for images, labels, keys in self._batches():
-            yield self._pad(images, labels) + ((keys,) if self.with_source else ())
+            yield self._with_keys(self._pad(images, labels) + (self._mask(step),), keys)
             step += 1
         shape = (b, 10, 3, size, size) if cfg.ten_crop else (b, 3, size, size)
         while step < self.steps:  # ranks with fewer images still run len(loader) steps
-            yield (self._finish(torch.zeros(shape)), torch.zeros(b, dtype=torch.int64, device=self.device),
-                   torch.zeros(b, dtype=torch.bool, device=self.device)) + (([],) if self.with_source else ())
+            padding = (self._finish(torch.zeros(shape)), torch.zeros(b, dtype=torch.int64, device=self.device))
+            yield self._with_keys(padding + (self._mask(step),), [])
             step += 1
 
     def _pad(self, images, labels):
         b, n = self.cfg.batch_size, len(labels)
-        mask = torch.arange(b) < n
         if n < b:
             images = torch.cat([images, images.new_zeros((b - n, *images.shape[1:]))])
             labels = torch.cat([labels, labels.new_zeros(b - n)])
-        return self._finish(images), labels.to(self.device), mask.to(self.device)
+        return self._finish(images), labels.to(self.device)
