@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AlexNet training-step speed on one GPU, for a lent machine that has torch and nothing else (no DALI,
+# AlexNet training-step speed on one GPU, for a GPU machine that has torch and nothing else (no DALI,
 # no Ray): fp32 / TF32 / bf16 autocast x NCHW / channels_last x eager / torch.compile x batch 128 / 512,
 # on the paper's full-width net (1000 classes, 224 px, SGD momentum 0.9), synthetic tensors on the GPU.
 #
@@ -147,7 +147,7 @@ with open(os.path.join(out_dir, "gpu_check.jsonl"), "w") as f:
 print(f"wrote {out_dir}/gpu_check.md and {out_dir}/gpu_check.jsonl", flush=True)
 PY
 
-# The paper's two-column split (trainer/parallel.py, issue 5) vs the single-device model on this GPU:
+# The paper's two-column split (trainer/parallel.py, docs/model-parallel.md) vs the single-device model on this GPU:
 # equivalence check on the GPU, then step-time ratios (bench/split.py; torch only).
 if [[ -f bench/split.py ]]; then
   echo "== split vs single (bench/split.py)"

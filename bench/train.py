@@ -8,7 +8,7 @@ For each width, side by side in one process (one data-parallel rank, what each R
   pipeline   train steps on batches from the loader (decode + augment + train, sharing the cores)
   loader     the loader alone, no model (the input ceiling)
   split      synthetic steps of trainer.parallel.split_two_devices(model, ["cpu", "cpu"]), the paper's
-             two-column split on two CPU devices (issue 5); ``split/single`` is its step time over the
+             two-column split on two CPU devices; ``split/single`` is its step time over the
              single-device model's (>1: the split costs that much more); --no-split skips it
 ``pipeline / synthetic`` is the fraction of the model's speed the input pipeline lets through; 1.0 means
 the run is compute-bound. Without --shards the sklearn digits are sharded into a temporary directory.

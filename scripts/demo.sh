@@ -13,7 +13,7 @@ python -m shards build "$DATA/raw/val" "$DATA/shards/val" --split val --classes 
 python -m shards verify "$DATA/shards/train"
 python -m shards verify "$DATA/shards/val"
 
-# ---- training (issue 4): a reduced-width AlexNet, two Ray Train workers on the CPU (gloo DDP), then eval.
+# ---- training: a reduced-width AlexNet, two Ray Train workers on the CPU (gloo DDP), then eval.
 # Width 0.25 and 112-pixel crops keep an epoch to seconds on 2 cores; flips are off because a mirrored
 # digit is a different glyph. Everything else is the `modern` preset. Rerunning resumes from RUN_DIR.
 RUN="$DATA/run"

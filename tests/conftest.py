@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. Each section belongs to the helper named in its header; edit only your own."""
+"""Shared pytest fixtures, each built once per test session."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 
-# ---------------------------------------------------------------- shards (issue 2)
+# ---------------------------------------------------------------- shards
 
 @dataclass(frozen=True)
 class DigitsShards:

@@ -138,7 +138,7 @@ def runs(digits_shards, tmp_path_factory):
         time.sleep(0.5)
     survivors = {pid: (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")[:120]
                  for pid in alive(tree)}
-    for pid in survivors:  # Ray helpers that outlived the driver: stop them too (only processes this test started)
+    for pid in survivors:  # Ray processes that outlived the driver: stop them too (only processes this test started)
         os.kill(pid, signal.SIGKILL)
     time.sleep(1)
     assert not alive(tree)                                        # the whole cluster is gone before the rerun

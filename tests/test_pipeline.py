@@ -1,4 +1,4 @@
-"""The input pipeline (issue 3) on real shards: DALI's CPU graph and the Pillow reference loader.
+"""The input pipeline on real shards: DALI's CPU graph and the Pillow reference loader.
 
 Nothing is mocked: DALI, webdataset and torch's DataLoader run for real on shards built by the
 sharder from scikit-learn's digits (``digits_shards``) and from real photographs (``photo_shards``).

@@ -1,4 +1,4 @@
-"""The sharder end to end on real photographs in ImageNet's layouts (issue 2).
+"""The sharder end to end on real photographs in ImageNet's layouts.
 
 Every build here is the real command (``python -m shards`` in a subprocess, or ``build()`` in process
 for the shared session fixtures) writing real tars that real WebDataset and DALI's wds2idx read back.

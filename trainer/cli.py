@@ -1,4 +1,4 @@
-"""python -m trainer fit | eval | predict  (see README.md, "Train")."""
+"""python -m trainer fit | eval | predict  (see docs/training.md)."""
 from __future__ import annotations
 
 import argparse

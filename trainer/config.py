@@ -241,7 +241,7 @@ def paper_preset() -> Config:
 
 
 def modern_preset() -> Config:
-    """A faster recipe for the same network; each choice is explained in README.md ("Train")."""
+    """A faster recipe for the same network; each choice is explained in docs/training.md ("Presets")."""
     return Config(
         preset="modern",
         model=ModelConfig(init="kaiming"),

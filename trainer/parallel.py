@@ -26,7 +26,7 @@ GPU, column 1 runs on its own side stream (one stream per column), with explicit
 points; autograd runs each backward op on its forward op's stream, so the backward pass overlaps the same way.
 On the CPU the two columns' forward work can run in two Python threads (torch ops release the GIL):
 ``concurrent=True``. The autograd engine runs CPU backward work on a single thread, so only the forward
-pass overlaps there; see README.md "Model-parallel" and bench/split.py for what that buys on a small CPU.
+pass overlaps there; see docs/model-parallel.md and bench/split.py for what that buys on a small CPU.
 """
 from __future__ import annotations
 
