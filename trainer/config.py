@@ -134,7 +134,19 @@ class Config:
         return self.optim.lr * (self.train.batch_size / ref if ref else 1.0)
 
     def per_worker_batch(self) -> int:
-        return self.train.batch_size // self.run.workers
+        return self.train.batch_size // max(1, self.run.workers)
+
+    def loader_config(self, shard_dir: str, *, rank: int, world_size: int, device, batch_size: int,
+                      ten_crop: bool = False):
+        """The input pipeline's config for one rank, derived from this run's data and train sections."""
+        from pipeline import LoaderConfig
+
+        d = self.data
+        return LoaderConfig(shard_dir=shard_dir, batch_size=batch_size, rank=rank, world_size=world_size,
+                            device=str(device), seed=self.train.seed, crop=d.crop, lighting=d.lighting,
+                            flip=d.flip, image_size=d.image_size, resize_shorter=d.shorter_side(),
+                            layout="NHWC" if self.use_channels_last() else "NCHW", dtype="float32",
+                            num_threads=d.num_threads, num_workers=d.num_threads, ten_crop=ten_crop)
 
     def on_gpu(self) -> bool:
         return self.run.gpus_per_worker > 0
@@ -204,8 +216,9 @@ class Config:
             raise ValueError("train.max_steps_per_epoch must be >= 0 and train.log_every >= 1")
         if t.checkpoint_every < 0:
             raise ValueError(f"train.checkpoint_every must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every}")
-        _positive("run.workers", r.workers)
-        if t.batch_size % r.workers:
+        if not isinstance(r.workers, int) or r.workers < 0:
+            raise ValueError(f"run.workers must be an integer >= 0 (0 = local mode, in this process), got {r.workers!r}")
+        if r.workers and t.batch_size % r.workers:
             raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
                              f"run.workers ({r.workers}); e.g. --batch-size {t.batch_size // r.workers * r.workers or r.workers}")
         if r.gpus_per_worker < 0 or r.cpus_per_worker <= 0:
@@ -219,7 +232,7 @@ class Config:
         if not r.placement_timeout_s > 0:
             raise ValueError(f"run.placement_timeout_s must be > 0, got {r.placement_timeout_s}")
         f = self.fault
-        if min(f.kill_at_step, f.raise_at_step, f.nan_at_step) < 0 or not 0 <= f.rank < r.workers:
+        if min(f.kill_at_step, f.raise_at_step, f.nan_at_step) < 0 or not 0 <= f.rank < max(1, r.workers):
             raise ValueError(f"fault.*_at_step must be >= 0 (0 = off) and fault.rank in [0, run.workers={r.workers}), "
                              f"got {f}")
         if r.max_failures < -1:
