@@ -3,11 +3,16 @@ a non-zero exit, no traceback, and nothing written that a later run could take f
 
 The broken inputs are real files: copies of the digits shards with one thing wrong (a truncated tar, a
 sample without ``cls``, a label past the class count, a flipped byte, ...), checkpoints written the way
-``fit`` writes them, and a local Ray cluster of 2 CPUs for the cases that need one.
+``fit`` writes them, and the session's local Ray cluster for the cases that need one.
+
+Most cases call the command's ``main(argv)`` in this process (file descriptors 1 and 2 captured, as a
+terminal would see them); one case per command runs ``python -m ...`` in a fresh interpreter, where a
+warning printed while the command's modules import would break the one-line promise.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -24,7 +29,7 @@ import pytest
 from shards.tarfmt import ShardWriter
 from trainer.checkpoint import atomic_save
 from trainer.config import SECTIONS, Config, _field_types, build_config
-from trainer.fit import build_model, model_file
+from trainer.train import build_model, model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID_KEYS = ", ".join(f"{s}.{n}" for s in SECTIONS for n in _field_types(s))
@@ -74,7 +79,6 @@ class World:
     tmp: Path
     train: Path
     val: Path
-    ray_address: str
     paths: dict[str, Path] = field(default_factory=dict)
     facts: dict[str, object] = field(default_factory=dict)   # sizes, keys, hashes the messages quote
 
@@ -84,10 +88,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(digits_shards, tmp_path_factory) -> World:
-    import ray
-
     tmp = tmp_path_factory.mktemp("bad")
-    w = World(tmp, digits_shards.train, digits_shards.val, "")
+    w = World(tmp, digits_shards.train, digits_shards.val)
     p = w.paths
     (tmp / "empty").mkdir()
     p["empty"] = tmp / "empty"
@@ -134,11 +136,7 @@ def world(digits_shards, tmp_path_factory) -> World:
     (p["oldrun"] / "config.json").write_text(json.dumps({"config": old.to_dict(), "classes": classes}))
     p["yaml"] = tmp / "typo.yaml"
     p["yaml"].write_text("train: {epochs: 2, batchsize: 64}\n")
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    w.ray_address = ray.get_runtime_context().gcs_address
-    yield w
-    ray.shutdown()
+    return w
 
 
 # ---------------------------------------------------------------- the table
@@ -153,7 +151,8 @@ class Case:
     argv: list[str]
     expected: str                         # the one error line, formatted with World.fmt
     unwritten: tuple[str, ...] = ("{tmp}/run",)   # paths that must not exist afterwards
-    ray: bool = False                     # join the module's 2-CPU Ray cluster
+    ray: bool = False                     # join the session's Ray cluster (RAY_ADDRESS)
+    fresh: bool = False                   # run `python -m ...` in a new interpreter (see the module docstring)
 
 
 CASES = [
@@ -187,9 +186,10 @@ CASES = [
          "error: train.batch_size must be an integer >= 1, got -8"),
     Case("zero epochs", [*FIT, "--train", "{train}", "--epochs", "0"],
          "error: train.epochs must be an integer >= 1, got 0"),
-    Case("more workers than the cluster can place", [*FIT, "--train", "{train}", "--workers", "4",
+    Case("more workers than the cluster can place", [*FIT, "--train", "{train}", "--workers", "{too_many}",
                                                      "--batch-size", "32", "--set", "run.placement_timeout_s=1"],
-         "error: the Ray cluster can place 2 of 4 workers needing {{CPU: 1}} each (live nodes: {{CPU: 2}}) after "
+         "error: the Ray cluster can place {ray_cpus} of {too_many} workers needing {{CPU: 1}} each "
+         "(live nodes: {{CPU: {ray_cpus}}}) after "
          "waiting 1 s (run.placement_timeout_s); lower --workers or run.cpus_per_worker / --gpus-per-worker, "
          "or add nodes", ray=True),
     Case("--parallel model with one device", [*FIT, "--train", "{train}", "--parallel", "model",
@@ -197,7 +197,8 @@ CASES = [
          "error: --parallel model needs two devices per worker: --gpus-per-worker 2 (or 0 for two CPU columns), "
          "got 1.0"),
     Case("predict: not an image", ["trainer", "predict", "--checkpoint", "{ckpt}", "{notimage}"],
-         "error: {notimage}: cannot read this image (UnidentifiedImageError); pass JPEG or PNG files", unwritten=()),
+         "error: {notimage}: cannot read this image (UnidentifiedImageError); pass JPEG or PNG files", unwritten=(),
+         fresh=True),
     Case("predict: no such image", ["trainer", "predict", "--checkpoint", "{ckpt}", "{tmp}/missing.jpg"],
          "error: {tmp}/missing.jpg: cannot read this image (FileNotFoundError); pass JPEG or PNG files", unwritten=()),
     Case("eval: checkpoint for a different class count", ["trainer", "eval", "--checkpoint", "{ckpt5}",
@@ -206,34 +207,57 @@ CASES = [
          "training run's classes.json", unwritten=()),
     Case("fit: RUN_DIR of a different width", [*FIT[:5], "{oldrun}", *FIT[6:], "--train", "{train}"],
          "error: {oldrun}/config.json: this RUN_DIR holds a run with different model.width; resume with the same "
-         "settings or pass a new --out", unwritten=("{oldrun}/ray", "{oldrun}/metrics.jsonl")),
+         "settings or pass a new --out", unwritten=("{oldrun}/ray", "{oldrun}/metrics.jsonl"), fresh=True),
     Case("eval: not a checkpoint", ["trainer", "eval", "--checkpoint", "{notckpt}", "--data", "{val}"],
          "error: {notckpt}: not a readable checkpoint (IndexError: pop from empty list); use a file written by "
-         "`python -m trainer fit`", unwritten=()),
+         "`python -m trainer fit`", unwritten=(), fresh=True),
     Case("shards build: SOURCE missing", ["shards", "build", "{tmp}/no-source", "{tmp}/out", "--split", "train"],
          "error: {tmp}/no-source: SOURCE not found; pass a class-folder tree, an image folder with --csv, "
-         "or ILSVRC2012_img_train.tar", unwritten=("{tmp}/out/manifest.json",)),
+         "or ILSVRC2012_img_train.tar", unwritten=("{tmp}/out/manifest.json",), fresh=True),
 ]
 
 
+MAINS = {"shards": "shards.__main__", "pipeline": "pipeline.__main__", "trainer": "trainer.cli"}
+
+
+def run_fresh(argv: list[str]) -> tuple[int, str, str]:
+    out = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=300)
+    return out.returncode, out.stdout, out.stderr
+
+
+def run_in_process(argv: list[str], capfd) -> tuple[int, str, str]:
+    main = importlib.import_module(MAINS[argv[0]]).main
+    capfd.readouterr()
+    try:
+        code = main(argv[1:])
+    except SystemExit as e:   # argparse's own refusals
+        code = e.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(world, case):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
+def test_bad_input(world, case, request, monkeypatch, capfd):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if case.ray:
-        env["RAY_ADDRESS"] = world.ray_address
+        import ray
+
+        monkeypatch.setenv("RAY_ADDRESS", request.getfixturevalue("ray_cluster"))
+        cpus = int(ray.cluster_resources()["CPU"])
+        world.facts.update(ray_cpus=cpus, too_many=cpus + 2)
     argv = [world.fmt(a) for a in case.argv]
     shutil.rmtree(world.tmp / "run", ignore_errors=True)   # each case starts without a RUN_DIR
-    out = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 2, out.stderr[-3000:]
+    code, stdout, stderr = run_fresh(argv) if case.fresh else run_in_process(argv, capfd)
+    assert code == 2, stderr[-3000:]
     # Ray streams its workers' logs (a worker's traceback included) with a "(RayTrainWorker pid=...)" prefix;
     # the command's own output is the rest
-    own = [line for line in out.stderr.splitlines() if not re.match(r"^(\x1b\[\d+m)?\(", line)]
-    assert not [line for line in own if "Traceback" in line], out.stderr[-3000:]
+    own = [line for line in stderr.splitlines() if not re.match(r"^(\x1b\[\d+m)?\(", line)]
+    assert not [line for line in own if "Traceback" in line], stderr[-3000:]
     errors = [line for line in own if line.startswith("error")]
-    assert errors == [world.fmt(case.expected)], out.stderr[-3000:]
-    assert out.stdout.strip() == "" or argv[0] == "trainer" and argv[1] == "fit"
+    assert errors == [world.fmt(case.expected)], stderr[-3000:]
+    assert stdout.strip() == "" or argv[0] == "trainer" and argv[1] == "fit"
     for path in case.unwritten:
         assert not Path(world.fmt(path)).exists(), path
 

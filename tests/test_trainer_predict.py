@@ -12,7 +12,7 @@ from shards.manifest import load_classes
 from trainer.checkpoint import atomic_save
 from trainer.config import build_config
 from trainer.evaluate import predict, preprocess
-from trainer.fit import build_model, model_file
+from trainer.train import build_model, model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

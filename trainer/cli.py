@@ -19,7 +19,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory; rerun to resume")
     f.add_argument("--preset", choices=sorted(PRESETS), default=None, help="recipe (default: modern)")
     f.add_argument("--config", metavar="FILE", help="YAML file of config sections")
-    f.add_argument("--workers", type=int, help="Ray Train workers (data-parallel ranks)")
+    f.add_argument("--workers", type=int, help="Ray Train workers (data-parallel ranks); 0 = local mode: train in this "
+                   "process, no Ray cluster (under torchrun, one rank per process)")
     f.add_argument("--gpus-per-worker", type=float, help="0 = CPU workers (gloo); >0 = GPU workers (NCCL)")
     f.add_argument("--epochs", type=int)
     f.add_argument("--batch-size", type=int, help="global batch, split across workers (the paper: 128)")

@@ -8,6 +8,7 @@ at a time; class names come from the checkpoint.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from trainer.model import AlexNet
 
 def load_model(checkpoint_path: str) -> tuple[AlexNet, dict[str, Any]]:
     obj = ckpt.load(checkpoint_path)
-    meta = ckpt.model_meta(obj)
+    meta = ckpt.model_meta(obj, checkpoint_path)  # checked against the weights: builds nothing larger than them
     model = AlexNet(len(meta["classes"]), width=meta["width"], dropout=meta.get("dropout", 0.5),
                     image_size=meta["image_size"])
     try:
@@ -42,14 +43,16 @@ def eval_rank(checkpoint_path: str, data: str, rank: int, world_size: int, ten_c
               batch_size: int, num_threads: int) -> dict[str, float]:
     """Counts for one rank's slice: {"loss_sum", "top1", "top5", "n"}."""
     from pipeline import make_eval_loader
-    from trainer.fit import evaluate_counts, loader_config
+    from trainer.loop import evaluate as evaluate_counts
 
     torch.set_num_threads(max(1, num_threads))
     model, meta = load_model(checkpoint_path)
     cfg = eval_config(meta, loader)
     cfg.data.num_threads = num_threads
-    lcfg = loader_config(cfg, data, rank, world_size, torch.device("cpu"), batch_size, ten_crop=ten_crop)
-    return evaluate_counts(model, make_eval_loader(lcfg, kind=loader), torch.device("cpu"), cfg, ten_crop=ten_crop)
+    cpu = torch.device("cpu")
+    lcfg = cfg.loader_config(data, rank=rank, world_size=world_size, device=cpu, batch_size=batch_size,
+                             ten_crop=ten_crop)
+    return evaluate_counts(model, make_eval_loader(lcfg, kind=loader), cpu, ten_crop=ten_crop)
 
 
 def evaluate(checkpoint_path: str, data: str, ten_crop: bool = False, workers: int = 1, loader: str = "dali",
@@ -70,7 +73,7 @@ def evaluate(checkpoint_path: str, data: str, ten_crop: bool = False, workers: i
         parts = [eval_rank(*args, 0, 1, ten_crop, loader, batch_size, num_threads)]
     else:
         import ray
-        from trainer.fit import init_ray
+        from trainer.ray_cluster import init_ray
 
         init_ray(workers, 1, 0)
         task = ray.remote(num_cpus=1)(eval_rank)
@@ -91,9 +94,14 @@ def preprocess(path: str, image_size: int, resize_shorter: int) -> torch.Tensor:
     from pipeline.reference import crop_at, normalize, resize_shorter as resize
 
     try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        with warnings.catch_warnings():  # Pillow's "possible decompression bomb" warning: refuse instead
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path}: refused as a possible decompression bomb ({str(e).split(', could be')[0]}); "
+                         f"pass a smaller JPEG or PNG") from None
+    except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path}: cannot read this image ({type(e).__name__}); pass JPEG or PNG files") from None
     return normalize(crop_at(resize(image, resize_shorter), image_size, 0.5, 0.5))
 

@@ -2,8 +2,7 @@
 
 ``fault.kill_at_step``  SIGKILLs the worker process of ``fault.rank`` just before that step (a crashed node),
 ``fault.raise_at_step`` raises RuntimeError there (a bug or a lost device), ``fault.nan_at_step`` makes that
-rank's loss NaN at that step (a diverging run). Steps are global and 1-based: step ``s`` of epoch ``e``
-(both 0-based) is ``e * steps_per_epoch + s + 1``.
+rank's loss NaN at that step (a diverging run). Steps are global and 1-based (:attr:`trainer.loop.Step.global_step`).
 
 Each fault fires once per run directory: ``RUN_DIR/faults/<name>`` is written just before it fires, so the
 group Ray Train restarts from the last checkpoint runs through that step like an uninterrupted run would.
@@ -14,7 +13,10 @@ import os
 import signal
 from pathlib import Path
 
-from trainer.config import Config
+import torch
+
+from trainer.config import FaultConfig
+from trainer.loop import Hook, Step
 
 
 class TrainingStopped(RuntimeError):
@@ -31,16 +33,26 @@ def _fire_once(run_dir: Path, name: str) -> bool:
     return True
 
 
-def before_step(cfg: Config, rank: int, global_step: int) -> bool:
-    """Kill or raise as configured; return True when this step's loss should be made NaN."""
-    f = cfg.fault
-    if rank != f.rank:
-        return False
-    run_dir = Path(cfg.run.out)
-    if f.kill_at_step == global_step and _fire_once(run_dir, f"kill_at_step_{global_step}"):
-        print(f"[fault] rank {rank}: SIGKILL before global step {global_step}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-    if f.raise_at_step == global_step and _fire_once(run_dir, f"raise_at_step_{global_step}"):
-        raise RuntimeError(f"injected fault: rank {rank} raised before global step {global_step} "
-                           f"(fault.raise_at_step)")
-    return f.nan_at_step == global_step and _fire_once(run_dir, f"nan_at_step_{global_step}")
+class FaultInjector(Hook):
+    """The ``fault.*`` knobs as a loop hook; inert on every rank but ``fault.rank``."""
+
+    def __init__(self, fault: FaultConfig, run_dir: str | os.PathLike, rank: int):
+        self.fault, self.run_dir, self.active = fault, Path(run_dir), rank == fault.rank
+        self.rank = rank
+
+    def before_step(self, at: Step) -> None:
+        f, step = self.fault, at.global_step
+        if not self.active:
+            return
+        if f.kill_at_step == step and _fire_once(self.run_dir, f"kill_at_step_{step}"):
+            print(f"[fault] rank {self.rank}: SIGKILL before global step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if f.raise_at_step == step and _fire_once(self.run_dir, f"raise_at_step_{step}"):
+            raise RuntimeError(f"injected fault: rank {self.rank} raised before global step {step} "
+                               f"(fault.raise_at_step)")
+
+    def on_loss(self, loss: torch.Tensor, at: Step) -> torch.Tensor:
+        step = at.global_step
+        if self.active and self.fault.nan_at_step == step and _fire_once(self.run_dir, f"nan_at_step_{step}"):
+            return loss * float("nan")
+        return loss

@@ -1,0 +1,152 @@
+"""The training loop in plain torch: one step, one epoch, one evaluation.
+
+Nothing here knows about Ray, checkpoints or run directories. What happens around a step (fault injection,
+the NaN policy, progress lines, mid-epoch checkpoints) comes in as :class:`Hook` objects, so the loop below
+reads top to bottom and runs the same in a Ray Train worker, under ``torchrun`` or in a notebook.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from trainer.metrics import topk_correct
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the loop is: 0-based ``epoch`` and ``step`` of ``steps`` per epoch."""
+    epoch: int
+    step: int
+    steps: int
+
+    @property
+    def global_step(self) -> int:
+        """1-based count of steps since the run began (the unit of ``fault.*_at_step``)."""
+        return self.epoch * self.steps + self.step + 1
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch + 1} step {self.step + 1}/{self.steps} (global step {self.global_step})"
+
+
+@dataclass
+class EpochProgress:
+    """This rank's running totals for the current epoch; a mid-epoch checkpoint saves them."""
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    seen: int = 0
+    skipped: int = 0
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "seen": self.seen, "skipped": self.skipped}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device: torch.device) -> "EpochProgress":
+        state = state or {}
+        return cls(torch.tensor(state.get("loss_sum", 0.0), dtype=torch.float64, device=device),
+                   int(state.get("seen", 0)), int(state.get("skipped", 0)))
+
+
+class Hook:
+    """What the loop calls around each training step. Every method's default does nothing."""
+
+    def before_step(self, at: Step) -> None:
+        """Before the forward pass (e.g. inject a fault)."""
+
+    def on_loss(self, loss: torch.Tensor, at: Step) -> torch.Tensor:
+        """The loss about to be back-propagated; may return a different one (e.g. an injected NaN)."""
+        return loss
+
+    def accept_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, at: Step) -> bool:
+        """False skips the optimizer update of this step; raising stops training before it."""
+        return True
+
+    def after_step(self, at: Step, loss: torch.Tensor, batch_size: int, progress: EpochProgress) -> None:
+        """After an applied update (e.g. a progress line, a mid-epoch checkpoint)."""
+
+
+def autocast(bf16: bool, device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+               optimizer: torch.optim.Optimizer, criterion, grad_clip: float = 0.0, bf16: bool = False,
+               hooks: Sequence[Hook] = (), at: Step | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and gradient clipping; returns (loss, gradient norm). The update is the caller's."""
+    with autocast(bf16, images.device):
+        logits = model(images)
+    loss = criterion(logits.float(), labels)
+    for hook in hooks:
+        loss = hook.on_loss(loss, at)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = (torch.nn.utils.clip_grad_norm_(grads, grad_clip) if grad_clip
+                 else torch.nn.utils.get_total_norm([p.grad for p in grads]))
+    return loss, grad_norm
+
+
+def train_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler,
+                hooks: Sequence[Hook] = (), *, epoch: int, steps: int, first_step: int = 0,
+                progress: EpochProgress | None = None, criterion=None, grad_clip: float = 0.0,
+                bf16: bool = False) -> EpochProgress:
+    """Train over ``loader`` from ``first_step`` to ``steps``; return this rank's totals for the epoch.
+
+    ``scheduler.per_step`` says whether the learning rate moves every step (else the caller steps it per
+    epoch). A skipped step (a hook's ``accept_step`` said no) still advances a per-step schedule, so the
+    schedule does not depend on how many steps were skipped."""
+    criterion = criterion or torch.nn.CrossEntropyLoss()
+    progress = progress or EpochProgress()
+    model.train()
+    for step, (images, labels) in enumerate(loader, start=first_step):
+        if step >= steps:
+            break
+        at = Step(epoch, step, steps)
+        for hook in hooks:
+            hook.before_step(at)
+        loss, grad_norm = train_step(model, images, labels, optimizer=optimizer, criterion=criterion,
+                                     grad_clip=grad_clip, bf16=bf16, hooks=hooks, at=at)
+        if not all([hook.accept_step(loss, grad_norm, at) for hook in hooks]):   # every hook sees the step
+            optimizer.zero_grad(set_to_none=True)
+            progress.skipped += 1
+            if scheduler.per_step:
+                scheduler.step()
+            continue
+        optimizer.step()
+        if scheduler.per_step:
+            scheduler.step()
+        progress.loss_sum += loss.detach().double() * labels.shape[0]
+        progress.seen += labels.shape[0]
+        for hook in hooks:
+            hook.after_step(at, loss, labels.shape[0], progress)
+    return progress
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, *, bf16: bool = False,
+             ten_crop: bool = False) -> dict[str, float]:
+    """Summed (not averaged) loss, top-1 and top-5 hits and image count over the rows ``mask`` marks as real.
+
+    The loader yields ``(images, labels, mask)``; with ``ten_crop`` images are (B, 10, C, H, W) and the
+    softmax of the 10 patches is averaged (section 4.1 of the paper)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = top1 = top5 = n = 0.0
+    for images, labels, mask in loader:
+        images, labels, mask = images.to(device), labels.to(device), mask.to(device)
+        with autocast(bf16, device):
+            if ten_crop:
+                b, crops = images.shape[:2]
+                logits = model(images.flatten(0, 1)).float()
+                probs = logits.softmax(dim=1).view(b, crops, -1).mean(dim=1)
+            else:
+                probs = model(images).float().softmax(dim=1)
+        hits = topk_correct(probs, labels, mask)
+        top1, top5 = top1 + hits[1], top5 + hits[5]
+        n += int(mask.sum())
+        loss_sum += float(F.nll_loss(probs[mask].clamp_min(1e-12).log(), labels[mask], reduction="sum")) \
+            if mask.any() else 0.0
+    model.train(was_training)
+    return {"loss_sum": loss_sum, "top1": top1, "top5": top5, "n": n}

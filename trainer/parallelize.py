@@ -1,0 +1,55 @@
+"""Every parallelism and placement applied to the model in one place, apart from the model itself.
+
+Like torchtitan's ``parallelize_*``: :func:`parallelize` takes the plain :class:`~trainer.model.AlexNet` and
+the config and returns ``(net, model)``: ``net`` holds the parameters (save and load it), ``model`` is what
+the loop calls. The pieces are small ``apply_*`` functions applied in this order:
+
+1. placement: the whole net on one device, or the paper's two columns on two devices (trainer/parallel.py);
+2. channels_last memory format (faster convolutions on tensor-core GPUs);
+3. DistributedDataParallel when there is more than one rank;
+4. ``torch.compile``, outermost, so it sees DDP's hooks.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from trainer.config import Config
+
+
+def apply_placement(net: nn.Module, devices: Sequence[torch.device], two_columns: bool) -> nn.Module:
+    if two_columns:
+        from trainer.parallel import split_two_devices
+        return split_two_devices(net, devices)      # one column per device (section 3.2); places itself
+    return net.to(devices[0])
+
+
+def apply_channels_last(net: nn.Module) -> nn.Module:
+    return net.to(memory_format=torch.channels_last)
+
+
+def apply_ddp(net: nn.Module, device: torch.device, single_device: bool) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    # device_ids only for a module on one CUDA device; a split module spans two and takes None
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" and single_device else None)
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    return torch.compile(model)
+
+
+def parallelize(net: nn.Module, cfg: Config, devices: Sequence[torch.device], world: int) -> tuple[nn.Module, nn.Module]:
+    """``(net, model)`` for this rank: ``devices`` are the worker's (two for ``run.parallel=model``)."""
+    two_columns = cfg.run.parallel == "model"
+    net = apply_placement(net, devices, two_columns)
+    if cfg.use_channels_last():
+        net = apply_channels_last(net)
+    model = net
+    if world > 1:
+        model = apply_ddp(model, devices[0], single_device=not two_columns)
+    if cfg.use_compile():
+        model = apply_compile(model)
+    return net, model
