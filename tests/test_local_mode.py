@@ -1,0 +1,65 @@
+"""`fit --workers 0`: Ray Train's local mode, in this very process (no Ray cluster, no actors).
+
+The same Trainer as with workers, so the same files and the same resume: a run stopped by a NaN in the middle
+of an epoch and rerun must end bit-identical to one that never stopped, from the mid-epoch checkpoint that
+local mode keeps on the storage path itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.cli import main
+from trainer.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+RECIPE = ["--workers", "0", "--batch-size", "32", "--width", "0.125", "--loader", "dali", "--epochs", "2",
+          "--set", "data.image_size=64", "--set", "data.num_threads=1", "--set", "train.max_steps_per_epoch=6",
+          "--set", "train.checkpoint_every=2", "--set", "train.log_every=3"]
+
+
+def fit(shards, out: Path, *extra: str) -> int:
+    return main(["fit", "--train", str(shards.train), "--val", str(shards.val), "--out", str(out), *RECIPE, *extra])
+
+
+@pytest.fixture(scope="module")
+def local_runs(digits_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("local")
+    codes = {"a": fit(digits_shards, root / "a")}
+    # NaN at global step 9 (epoch 2, step 3/6): stops after the checkpoint at epoch 2 step 2, then resumes there
+    codes["b1"] = fit(digits_shards, root / "b", "--set", "fault.nan_at_step=9")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        codes["b2"] = fit(digits_shards, root / "b", "--set", "fault.nan_at_step=9")
+    return root, codes, out.getvalue()
+
+
+def test_local_mode_writes_what_a_worker_group_writes(local_runs):
+    root, codes, _ = local_runs
+    assert codes["a"] == 0
+    run = root / "a"
+    assert [r["epoch"] for r in read_metrics(run)] == [0, 1]
+    assert {r["workers"] for r in read_metrics(run)} == {1}
+    for name in ("config.json", "last.pt", "best.pt", "curves.png", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    checkpoints = sorted((run / "ray").glob("checkpoint_*/checkpoint.pt"))
+    assert 1 <= len(checkpoints) <= 2                        # the newest two are kept
+    state = torch.load(checkpoints[-1], weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 0
+
+
+def test_local_mode_resumes_mid_epoch_and_matches_the_uninterrupted_run(local_runs):
+    root, codes, rerun_log = local_runs
+    assert codes["b1"] == 3 and codes["b2"] == 0              # 3: stopped on purpose (NaN), then finished
+    assert "at epoch 2/2 step 3/6" in rerun_log, rerun_log
+    got, want = read_metrics(root / "b"), read_metrics(root / "a")
+    assert [r["epoch"] for r in got] == [0, 1]
+    for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr"):
+        assert [r[key] for r in got] == [r[key] for r in want], key
+    a = torch.load(root / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(root / "b" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
