@@ -12,9 +12,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from shards.fileio import atomic_write
 
 from . import KINDS, LoaderConfig, make_train_loader
 from .config import CROPS, IMAGENET_MEAN_255, IMAGENET_STD_255
@@ -59,14 +60,8 @@ def preview(args) -> None:
         draw.text((x + 2, y + size + 2), f"{int(labels[i])} {names[int(labels[i])]}"[:36], fill="black")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(out) as f:
+        grid.save(f, format="PNG")
     print(f"{out}: {n} augmented training samples ({cfg.crop} crop, lighting "
           f"{'on' if cfg.use_lighting else 'off'}, flip {'on' if cfg.flip else 'off'}) via the {args.loader} loader")
 

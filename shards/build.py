@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .fileio import atomic_write, sha256_file, write_bytes
 from .images import EncodeConfig, Rejected, prepare_image
 from .manifest import FORMAT, ShardError, read_classes_file
 from .sources import INPUT_FORMS, Item, read_item_bytes, scan_source
@@ -126,17 +127,15 @@ def shard_name(split: str, number: int, ext: str) -> str:
     return f"{split}-{number:06d}.{ext}"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class _HashingFile:
-    """A write-only file that hashes and counts what goes through it."""
+    """A shard being written with :func:`atomic_write`, hashing and counting what goes through it.
+
+    It spans many ``add`` calls, so the ``with`` is held open by hand: ``commit()`` ends it normally (the tar
+    appears in OUT), ``discard()`` ends it with the error being handled (the temporary file is removed)."""
 
     def __init__(self, path: Path):
-        self.f = open(path, "wb")
+        self._writing = atomic_write(path)
+        self.f = self._writing.__enter__()
         self.sha = hashlib.sha256()
         self.bytes = 0
 
@@ -148,18 +147,11 @@ class _HashingFile:
     def tell(self) -> int:
         return self.bytes
 
-    def close(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+    def commit(self) -> None:
+        self._writing.__exit__(None, None, None)
 
-
-def file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
+    def discard(self) -> None:
+        self._writing.__exit__(*sys.exc_info())
 
 
 class ShardSink:
@@ -176,7 +168,7 @@ class ShardSink:
         self.rejected: list[dict] = []
 
     def _open(self) -> None:
-        self.file = _HashingFile(self.partial / shard_name(self.cfg.split, self.number, "tar"))
+        self.file = _HashingFile(self.out / shard_name(self.cfg.split, self.number, "tar"))
         self.writer = ShardWriter(self.file)
         self.count = self.tar_bytes = 0
 
@@ -195,7 +187,7 @@ class ShardSink:
         self.rejected.append({"path": item.file, "reason": reason})
 
     def finish(self, next_position: int) -> None:
-        """Close the open shard, move it into OUT, record it; rejects seen so far go with it."""
+        """Close the open shard, commit it to OUT, record it; rejects seen so far go with it."""
         if self.writer is None:
             if self.rejected and self.records:  # trailing rejects after the last shard
                 self.records[-1]["rejected"].extend(self.rejected)
@@ -204,11 +196,10 @@ class ShardSink:
                 self._rewrite_progress()
             return
         index_text = self.writer.close()
-        self.file.close()
         tar_name = shard_name(self.cfg.split, self.number, "tar")
         idx_name = shard_name(self.cfg.split, self.number, "idx")
-        write_atomic(self.out / idx_name, index_text.encode())
-        os.replace(self.partial / tar_name, self.out / tar_name)
+        write_bytes(self.out / idx_name, index_text.encode())
+        self.file.commit()
         record = {"name": tar_name, "index": idx_name, "count": self.count, "bytes": self.file.bytes,
                   "sha256": self.file.sha.hexdigest(), "next": next_position, "rejected": self.rejected}
         self.records.append(record)
@@ -220,12 +211,14 @@ class ShardSink:
         self.number += 1
 
     def _rewrite_progress(self) -> None:
-        write_atomic(self.partial / "progress.jsonl",
-                     "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        write_bytes(self.partial / "progress.jsonl",
+                    "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
     def abandon(self) -> None:
-        if self.file is not None and not self.file.f.closed:
-            self.file.f.close()
+        """Called while handling the error that stops the build: the unfinished shard is not committed."""
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
 
 
 class BoundedFeed:
@@ -277,7 +270,7 @@ def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict) -> list[dict] | Non
             raise ShardError(f"{out}: not empty ({listed}); "
                              f"pass a new or empty OUT_DIR")
         partial.mkdir()
-        write_atomic(partial / "args.json", json.dumps(args, sort_keys=True).encode())
+        write_bytes(partial / "args.json", json.dumps(args, sort_keys=True).encode())
         return []
     try:
         old_args = json.loads((partial / "args.json").read_text())
@@ -303,7 +296,7 @@ def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict) -> list[dict] | Non
             break  # a torn last line: that shard is redone
         tar, idx = out / record["name"], out / record["index"]
         if not (tar.is_file() and idx.is_file() and tar.stat().st_size == record["bytes"]
-                and file_sha256(tar) == record["sha256"]):
+                and sha256_file(tar) == record["sha256"]):
             break
         records.append(record)
     # Everything after the last good record is redone: remove it so the result matches a clean run.
@@ -314,7 +307,7 @@ def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict) -> list[dict] | Non
     for p in partial.iterdir():
         if p.name not in ("args.json", "progress.jsonl"):
             p.unlink()
-    write_atomic(progress, "".join(json.dumps(r) + "\n" for r in records).encode())
+    write_bytes(progress, "".join(json.dumps(r) + "\n" for r in records).encode())
     return records
 
 
@@ -416,9 +409,9 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
         "rejected": len(rejected),
         "args": args,
     }
-    write_atomic(out / "classes.json", (json.dumps({"classes": classes}, indent=1) + "\n").encode())
-    write_atomic(out / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected).encode())
-    write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    write_bytes(out / "classes.json", (json.dumps({"classes": classes}, indent=1) + "\n").encode())
+    write_bytes(out / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected).encode())
+    write_bytes(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     shutil.rmtree(out / PARTIAL)
 
     seconds = time.perf_counter() - t0

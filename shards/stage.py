@@ -22,20 +22,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
 import sys
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .fileio import atomic_write, remove_stale_temps, sha256_file, write_bytes
 from .manifest import ShardError, load_manifest, read_classes_file
 
 CHUNK = 8 << 20  # bytes per read: large enough for object storage, small enough to hash as we go
-PART = ".part-"  # temp files are named .<name>.part-<pid>
 
 # fsspec protocol -> the pip package that implements it (fsspec's own message names the package too, but
 # not as a command)
@@ -73,53 +71,25 @@ def open_source(src: str):
         raise ShardError(f"{src}: {e}; use a local path or an fsspec URL such as s3://bucket/dir") from None
 
 
-def sha256_of_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _part_name(dest: Path, name: str) -> Path:
-    return dest / f".{name}{PART}{os.getpid()}-{threading.get_ident()}"
-
-
-def _remove_stale_parts(dest: Path) -> None:
-    """Delete temp files left by a stage process that died (their pid is gone); a live one keeps its own."""
-    for p in dest.glob(f".*{PART}*"):
-        pid = p.name.rsplit(PART, 1)[1].split("-", 1)[0]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            p.unlink(missing_ok=True)
-        except PermissionError:  # a live process of another user
-            pass
-
-
 def _fetch(fs, remote: str, dest: Path, name: str, expect_sha256: str | None, src: str,
            bar: tqdm | None) -> int:
     """Stream ``remote`` into ``dest/name`` through a temp file, checking sha256; returns bytes copied."""
-    part = _part_name(dest, name)
     h = hashlib.sha256()
     n = 0
     try:
-        with fs.open(remote, "rb") as fin, open(part, "wb") as fout:
+        with fs.open(remote, "rb") as fin, atomic_write(dest / name) as fout:
             while chunk := fin.read(CHUNK):
                 fout.write(chunk)
                 h.update(chunk)
                 n += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
-        if expect_sha256 is not None and h.hexdigest() != expect_sha256:
-            raise ShardError(f"{src.rstrip('/')}/{name}: sha256 is {h.hexdigest()}, manifest.json says "
-                             f"{expect_sha256}; the source copy is corrupt, rebuild or re-upload it")
-        os.replace(part, dest / name)
+            if expect_sha256 is not None and h.hexdigest() != expect_sha256:  # raised inside: nothing renamed
+                raise ShardError(f"{src.rstrip('/')}/{name}: sha256 is {h.hexdigest()}, manifest.json says "
+                                 f"{expect_sha256}; the source copy is corrupt, rebuild or re-upload it")
     except FileNotFoundError:
         raise ShardError(f"{src.rstrip('/')}/{name}: vanished from the source while staging; "
                          f"check that the source shard directory is complete and rerun") from None
-    finally:
-        part.unlink(missing_ok=True)
     return n
 
 
@@ -163,7 +133,7 @@ def stage(src: str, dest: str | os.PathLike, *, workers: int = 4, progress: bool
                     raise ShardError(f"{src.rstrip('/')}/{name}: listed in manifest.json but missing from the "
                                      f"source; re-upload the split (or rebuild it with `python -m shards build`)")
         dest.mkdir(parents=True, exist_ok=True)
-        _remove_stale_parts(dest)
+        remove_stale_temps(dest)
         old = dest / "manifest.json"
         if old.is_file() and old.read_bytes() != (scratch / "manifest.json").read_bytes():
             old.unlink()  # DEST held another version: it is incomplete until the new manifest lands
@@ -172,7 +142,7 @@ def stage(src: str, dest: str | os.PathLike, *, workers: int = 4, progress: bool
         for entry in shards:
             local = dest / entry["name"]
             if local.is_file():
-                if local.stat().st_size == entry["bytes"] and sha256_of_file(local) == entry["sha256"]:
+                if local.stat().st_size == entry["bytes"] and sha256_file(local) == entry["sha256"]:
                     report.skipped += 1
                     continue
                 replaced.add(entry["name"])
@@ -206,8 +176,7 @@ def stage(src: str, dest: str | os.PathLike, *, workers: int = 4, progress: bool
             _fetch(fs, f"{base}/rejected.jsonl", dest, "rejected.jsonl", None, src, None)
         # classes.json, then manifest.json last: a DEST with a manifest is a complete shard directory
         for name in ("classes.json", "manifest.json"):
-            shutil.copyfile(scratch / name, _part_name(dest, name))
-            os.replace(_part_name(dest, name), dest / name)
+            write_bytes(dest / name, (scratch / name).read_bytes())
     load_manifest(dest)  # every listed file is now in place
     return report
 

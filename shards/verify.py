@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .build import file_sha256
+from .fileio import sha256_file
 from .manifest import ShardError, load_classes, load_manifest
 from .tarfmt import index_of_tar, split_name
 
@@ -33,7 +33,7 @@ def check_shard(shard_dir: Path, entry: dict, num_classes: int) -> tuple[list[st
     size = tar_path.stat().st_size
     if size != entry["bytes"]:
         problems.append(f"{entry['name']}: {size} bytes, manifest says {entry['bytes']}")
-    digest = file_sha256(tar_path)
+    digest = sha256_file(tar_path)
     if digest != entry["sha256"]:
         problems.append(f"{entry['name']}: sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}...")
     samples: dict[str, dict[str, bytes]] = {}

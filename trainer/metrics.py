@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from shards.fileio import atomic_write, write_text
+
 REQUIRED_KEYS = ("epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s")
 
 
@@ -48,7 +50,7 @@ class MetricsLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         kept = [r for r in read_metrics(self.run_dir) if r["epoch"] < start_epoch]
-        _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.history = kept
         self.tb = _tensorboard_writer(self.run_dir / "tb")
 
@@ -79,12 +81,6 @@ def _tensorboard_writer(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """Loss and accuracy against epoch (1-based on the axis), written atomically."""
     if not history:
@@ -105,7 +101,8 @@ def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike) -> None:
     ax_acc.legend(), ax_acc.grid(alpha=0.3)
     fig.suptitle(f"{Path(path).parent.name}: best val top-1 {100 * max(r['val_top1'] for r in history):.1f} %")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, dpi=80, format="png")
+    finally:
+        plt.close(fig)
