@@ -62,7 +62,7 @@ def _paper_window(jpegs, frac: float):
     h = fn.cast(shape[0], dtype=types.FLOAT)
     w = fn.cast(shape[1], dtype=types.FLOAT)
     s = dmath.min(h, w)
-    side = dmath.floor(s * frac)
+    side = dmath.max(dmath.floor(s * frac), 1.0)  # at least one pixel: a 1-pixel side floors to 0
     x0 = dmath.floor((w - s) * 0.5 + fn.random.uniform(range=[0.0, 1.0]) * (s - side))
     y0 = dmath.floor((h - s) * 0.5 + fn.random.uniform(range=[0.0, 1.0]) * (s - side))
     return x0, y0, side, w, h

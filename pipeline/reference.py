@@ -134,7 +134,7 @@ def paper_window(width: int, height: int, frac: float, ux: float, uy: float) -> 
     """Section 4.1's crop in original pixels (same arithmetic as the DALI graph): a square of side
     floor(s * frac) at a uniform position inside the central s x s square, s = the shorter side."""
     s = min(width, height)
-    side = math.floor(s * frac)
+    side = max(1, math.floor(s * frac))  # at least one pixel, as in the DALI graph
     x0 = math.floor((width - s) * 0.5 + ux * (s - side))
     y0 = math.floor((height - s) * 0.5 + uy * (s - side))
     return x0, y0, side

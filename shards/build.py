@@ -12,6 +12,9 @@ bytes still match and carries on from there. The manifest is written last; ``.pa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -36,6 +39,8 @@ from .wnids import describe, find_synsets_beside, read_synsets
 
 SPLITS = ("train", "val", "test")
 PARTIAL = ".partial"
+LOCK = ".lock"          # held (flock) by the build writing OUT; removed when it ends
+INPUT = "input.json"    # in .partial: the fingerprint of the input listing and class map being built
 
 
 @dataclass(frozen=True)
@@ -247,8 +252,59 @@ class BoundedFeed:
 
 # ---------------------------------------------------------------- resume
 
-def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict) -> list[dict] | None:
-    """Make OUT ready; return the finished shard records to keep, or None when OUT is already complete."""
+@contextlib.contextmanager
+def hold_out_dir(out: Path):
+    """Create OUT and hold ``OUT/.lock`` for the block: a second build into OUT stops with one line."""
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: exists and is not a directory; pass a new OUT_DIR")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ShardError(f"{out}: another build is writing to it (it holds {path}); wait for that build "
+                             f"to finish, or pass another OUT_DIR") from None
+        try:  # the previous holder may have removed the file between our open and our lock: retry then
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if created:  # a build that stopped before writing anything leaves no empty OUT behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+
+def input_fingerprint(items: list[Item], classes: list[dict]) -> dict:
+    """What a resumed build must find again: the same files (names, labels, tar offsets) and class map."""
+    listing = [[it.file, it.label, it.offset, it.size, it.problem] for it in items]
+    digest = hashlib.sha256(json.dumps([[c["name"] for c in classes], listing]).encode()).hexdigest()
+    return {"sha256": digest, "files": len(items), "classes": len(classes)}
+
+
+def _check_input(partial: Path, fingerprint: dict | None) -> bool:
+    """True when the interrupted build in OUT started from this input (or no fingerprint is asked for)."""
+    if fingerprint is None:
+        return True
+    try:
+        return json.loads((partial / INPUT).read_text()) == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict, fingerprint: dict | None = None) -> list[dict] | None:
+    """Make OUT ready; return the finished shard records to keep, or None when OUT is already complete.
+
+    ``fingerprint`` (:func:`input_fingerprint`) is recorded in a new build and must match to resume one."""
     partial = out / PARTIAL
     manifest_path = out / "manifest.json"
     if out.exists() and not out.is_dir():
@@ -264,29 +320,38 @@ def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict) -> list[dict] | Non
         raise ShardError(f"{out}: already holds shards built with other arguments; "
                          f"pass a new OUT_DIR or delete this one")
     if not partial.exists():
-        stray = [p.name for p in out.iterdir()]
+        stray = [p.name for p in out.iterdir() if p.name != LOCK]
         if stray:
             listed = ", ".join(sorted(stray)[:3]) + (", ..." if len(stray) > 3 else "")
             raise ShardError(f"{out}: not empty ({listed}); "
                              f"pass a new or empty OUT_DIR")
         partial.mkdir()
         write_bytes(partial / "args.json", json.dumps(args, sort_keys=True).encode())
+        if fingerprint is not None:
+            write_bytes(partial / INPUT, json.dumps(fingerprint).encode())
         return []
     try:
         old_args = json.loads((partial / "args.json").read_text())
     except (OSError, json.JSONDecodeError):
         old_args = None
     progress = partial / "progress.jsonl"
-    if old_args != args and not (progress.exists() and progress.read_text().strip()):
+    same_input = _check_input(partial, fingerprint)
+    if (old_args != args or not same_input) and not (progress.exists() and progress.read_text().strip()):
         # An interrupted build that finished no shard: nothing worth keeping, start over with these args.
         for p in out.iterdir():  # only this build's files can be here (OUT was empty when it began)
-            if p.is_file():
+            if p.is_file() and p.name != LOCK:
                 p.unlink()
         shutil.rmtree(partial)
-        return prepare_out_dir(cfg, out, args)
+        return prepare_out_dir(cfg, out, args, fingerprint)
     if old_args != args:
         raise ShardError(f"{out}: holds an interrupted build with other arguments; rerun that command "
                          f"to resume it, or pass a new OUT_DIR")
+    if not same_input:
+        was = _read_fingerprint(partial)
+        then = f"{was['files']} files in {was['classes']} classes" if was else "an unrecorded input"
+        raise ShardError(f"{out}: holds an interrupted build of other input (then {then}, now "
+                         f"{fingerprint['files']} files in {fingerprint['classes']} classes); restore SOURCE "
+                         f"as it was to resume, or delete {out} to start over")
     records = []
     lines = progress.read_text().splitlines() if progress.exists() else []
     for line in lines:
@@ -300,15 +365,23 @@ def prepare_out_dir(cfg: BuildConfig, out: Path, args: dict) -> list[dict] | Non
             break
         records.append(record)
     # Everything after the last good record is redone: remove it so the result matches a clean run.
-    keep = {r[k] for r in records for k in ("name", "index")}
+    keep = {r[k] for r in records for k in ("name", "index")} | {LOCK}
     for p in out.iterdir():
         if p.is_file() and p.name not in keep:
             p.unlink()
     for p in partial.iterdir():
-        if p.name not in ("args.json", "progress.jsonl"):
+        if p.name not in ("args.json", "progress.jsonl", INPUT):
             p.unlink()
     write_bytes(progress, "".join(json.dumps(r) + "\n" for r in records).encode())
     return records
+
+
+def _read_fingerprint(partial: Path) -> dict | None:
+    try:
+        was = json.loads((partial / INPUT).read_text())
+        return was if isinstance(was, dict) and {"files", "classes"} <= set(was) else None
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- the command
@@ -331,17 +404,22 @@ def class_table(cfg: BuildConfig, source_labels: list[str], items: list[Item]) -
 
 
 def build(cfg: BuildConfig, progress: bool = True) -> dict:
-    """Run the whole build; return the manifest."""
+    """Run the whole build; return the manifest. One build at a time writes an OUT (``OUT/.lock``)."""
+    with hold_out_dir(Path(cfg.out)):
+        return _build(cfg, progress)
+
+
+def _build(cfg: BuildConfig, progress: bool) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    src = scan_source(cfg.source, cfg.input, cfg.csv, cfg.id_column, cfg.label_column, cfg.suffix)
+    src = scan_source(cfg.source, cfg.input, cfg.csv, cfg.id_column, cfg.label_column, cfg.suffix, out=out)
     classes = class_table(cfg, src.labels, src.items)
     index_of = {c["name"]: c["index"] for c in classes}
     items = list(src.items)
     random.Random(cfg.seed).shuffle(items)
     args = cfg.recorded_args()
 
-    records = prepare_out_dir(cfg, out, args)
+    records = prepare_out_dir(cfg, out, args, input_fingerprint(src.items, classes))
     if records is None:
         print(f"{out}: already complete (same arguments); nothing to do. Check it with "
               f"`python -m shards verify {out}`", file=sys.stderr)
@@ -455,5 +533,11 @@ def run(ns: argparse.Namespace) -> int:
         cfg = BuildConfig(**fields)
     except ValueError as e:
         raise ShardError(str(e)) from None
-    build(cfg, progress=not ns.quiet)
+    try:
+        build(cfg, progress=not ns.quiet)
+    except OSError as e:  # the disk filled up, OUT turned read-only, ...: what the rerun resumes from is safe
+        where = e.filename or cfg.out
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise ShardError(f"{where}: {e.strerror or e}; {'free space' if full else 'fix that'} and rerun the "
+                         f"same command to resume (or pass another OUT_DIR)") from None
     return 0

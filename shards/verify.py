@@ -2,8 +2,9 @@
 
 Checks per shard: the tar and its index exist, size and sha256 match the manifest, the sample count
 matches, every sample has ``jpg``/``cls``/``json``, every JPEG decodes to an RGB image of the size its
-json says, every label is in range, keys are unique across the split, and the index file is exactly
-what the tar gives. Exits non-zero naming the first bad shard; all problems are listed.
+json says with both sides at least ``MIN_SIDE`` pixels, every label is in range, keys are unique across
+the split, and the index file is exactly what the tar gives. Exits non-zero naming the first bad shard;
+all problems are listed.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .fileio import sha256_file
+from .images import MIN_SIDE
 from .manifest import ShardError, load_classes, load_manifest
 from .tarfmt import index_of_tar, split_name
 
@@ -74,6 +76,9 @@ def check_shard(shard_dir: Path, entry: dict, num_classes: int) -> tuple[list[st
         if (meta.get("width"), meta.get("height")) != img.size:
             problems.append(f"{where}: json says {meta.get('width')}x{meta.get('height')}, image is "
                             f"{img.size[0]}x{img.size[1]}")
+        if min(img.size) < MIN_SIDE:
+            problems.append(f"{where}: image is {img.size[0]}x{img.size[1]}, under the {MIN_SIDE}-pixel minimum "
+                            f"side that build keeps (the loaders' crops need room)")
     if not idx_path.is_file():
         problems.append(f"{entry['index']}: missing")
     elif idx_path.read_text() != index_of_tar(tar_path):

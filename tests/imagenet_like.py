@@ -131,3 +131,27 @@ def write_kaggle_layout(tree: Tree, folder: Path, csv_path: Path) -> dict[str, s
             w.writerow([n, species, "0.5"])
             labels[f"{n}.jpg"] = species
     return labels
+
+
+# A build whose read of one file never returns (like a file on a hung network mount): it stops at a fixed
+# point, after the shards before that file are finished, until the test kills it. The sharder itself skips
+# FIFOs and other special files, so the stall is injected here, in the process that runs the command.
+_BLOCKING_BUILD = """
+import sys, time
+import shards.build as build
+from shards.__main__ import main
+stuck, argv = sys.argv[1], sys.argv[2:]
+read = build.read_item_bytes
+def blocking_read(item):
+    if item.file == stuck:
+        time.sleep(3600)
+    return read(item)
+build.read_item_bytes = blocking_read
+sys.exit(main(argv))
+"""
+
+
+def blocking_build_argv(python: str, stuck_file: str, args: list) -> list[str]:
+    """argv for ``python -m shards <args>`` that blocks forever when it reads ``stuck_file`` (an item's
+    ``file``: its path relative to SOURCE)."""
+    return [python, "-c", _BLOCKING_BUILD, stuck_file, *map(str, args)]

@@ -21,8 +21,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from imagenet_like import (Tree, write_class_tree, write_flat_with_loc_csv, write_imagenet_train_tar,
-                           write_kaggle_layout)
+from imagenet_like import (Tree, blocking_build_argv, write_class_tree, write_flat_with_loc_csv,
+                           write_imagenet_train_tar, write_kaggle_layout)
 from shards.build import BuildConfig, build
 from shards.images import EncodeConfig, target_size
 from shards.manifest import ShardError, load_classes, load_manifest
@@ -170,18 +170,14 @@ def test_same_input_and_seed_give_identical_bytes(tree, folder_build, tmp_path):
 def test_resume_after_a_killed_run_is_byte_identical(tree, tmp_path):
     source = tmp_path / "train"
     shutil.copytree(tree.root, source)
-    # A file that blocks when read (a FIFO, like a hung network mount) stops the run at a fixed point
-    # after some shards are finished; then the process is killed outright.
+    # A read that never returns (like a hung network mount) stops the run at a fixed point after some
+    # shards are finished; then the process is killed outright.
     wnid = tree.wnids[-1]
-    stuck = source / wnid / f"{wnid}_2.JPEG"
-    original = stuck.read_bytes()
-    stuck.unlink()
-    os.mkfifo(stuck)
     out = tmp_path / "out"
     cmd = ["build", source, out, "--split", "train", "--max-count", 2, "--seed", 3]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "shards", *map(str, cmd)], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(blocking_build_argv(sys.executable, f"{wnid}/{wnid}_2.JPEG", cmd), env=env,
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (out / "train-000001.tar").exists():
@@ -194,8 +190,6 @@ def test_resume_after_a_killed_run_is_byte_identical(tree, tmp_path):
         proc.wait()
     assert not (out / "manifest.json").exists()
     finished = sorted(p.name for p in out.glob("train-*.tar"))
-    stuck.unlink()
-    stuck.write_bytes(original)
 
     resumed = run_cli(*cmd, check=True)
     assert f"resuming: {len(finished)} finished shards kept" in resumed.stderr
