@@ -31,6 +31,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place, on its device (no host sync on NCCL); returns ``t``."""
+    if initialized():
+        dist.all_reduce(t)
+    return t
+
+
 def gather(obj: Any) -> list[Any]:
     """``obj`` from every rank, in rank order."""
     if not initialized():

@@ -1,13 +1,12 @@
 """Loop hooks every run uses: the NaN policy and the progress lines (fault injection is in trainer/faults.py)."""
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
 import torch
 
-from trainer.distributed import all_reduce_sum
+from trainer.distributed import all_reduce_sum_
 from trainer.loop import EpochProgress, Hook, Step
 
 
@@ -20,22 +19,52 @@ class NonFiniteStep(RuntimeError):
 
 
 class NonFinitePolicy(Hook):
-    """Stop (raise :class:`NonFiniteStep`) or skip a step whose loss or gradients are NaN/inf.
+    """Skip the update of a step whose loss or gradients are NaN/inf; without ``skip``, also stop the run
+    (raise :class:`NonFiniteStep`) when that is noticed.
 
-    The gradient norm is taken after DDP's all-reduce, so it is the same on every rank, and the losses are
-    summed over ranks: every rank reaches the same verdict and they stop or skip together."""
+    The verdict stays on the device: the loss summed over ranks and the gradient norm (the same on every
+    rank after DDP's all-reduce) are checked there, the update is gated on the result (loop.gated_step),
+    and the first bad step is remembered in tensors. They are read on the host only at ``read_points``
+    steps: every ``train.log_every`` steps, before each mid-epoch checkpoint and at the epoch's last step.
+    So a bad step may be reported a few steps late, but its update never happened, every rank reaches the
+    same verdict, and a stop always comes before any checkpoint that would include steps after it."""
 
-    def __init__(self, skip: bool, log: Callable[[str], None] = print):
-        self.skip, self.log = skip, log
+    def __init__(self, skip: bool, read_every: int, checkpoint_every: int = 0, log: Callable[[str], None] = print):
+        self.skip, self.read_every, self.checkpoint_every, self.log = skip, read_every, checkpoint_every, log
+        self.first_bad: torch.Tensor | None = None   # global step of the first bad one since the last read; 0: none
+        self.bad_values = self.bad_count = None
 
-    def accept_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, at: Step) -> bool:
-        loss_total, norm = all_reduce_sum([float(loss.detach()), float(grad_norm)], loss.device)
-        if math.isfinite(loss_total) and math.isfinite(norm):
-            return True
+    def accept_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, at: Step) -> torch.Tensor:
+        values = all_reduce_sum_(torch.stack([loss.detach().double(), grad_norm.detach().double()]))
+        ok = torch.isfinite(values).all()
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.int64, device=values.device)
+            self.bad_values, self.bad_count = torch.zeros_like(values), torch.zeros_like(self.first_bad)
+        new = (~ok) & (self.first_bad == 0)
+        self.first_bad = torch.where(new, at.global_step, self.first_bad)
+        self.bad_values = torch.where(new, values, self.bad_values)
+        self.bad_count += (~ok).long()
+        return ok
+
+    def after_step(self, at: Step, loss: torch.Tensor, batch_size: int, progress: EpochProgress) -> None:
+        done = at.step + 1
+        if done % self.read_every == 0 or done == at.steps or (self.checkpoint_every and done % self.checkpoint_every == 0):
+            self.read(at.steps)
+
+    def read(self, steps: int) -> None:
+        """The host sync: report (skip) or raise (stop) for a bad step since the last read."""
+        first = int(self.first_bad) if self.first_bad is not None else 0
+        if not first:
+            return
+        at = Step((first - 1) // steps, (first - 1) % steps, steps)
+        loss_total, norm = self.bad_values.tolist()
         if not self.skip:
             raise NonFiniteStep(at, loss_total, norm)
-        self.log(f"[trainer] skipped {at}: non-finite loss or gradients (train.skip_nonfinite)")
-        return False
+        more = int(self.bad_count) - 1
+        self.log(f"[trainer] skipped {at}: non-finite loss or gradients (train.skip_nonfinite)"
+                 + (f"; {more} more step(s) skipped since" if more else ""))
+        self.first_bad.zero_()
+        self.bad_count.zero_()
 
 
 class ProgressLog(Hook):

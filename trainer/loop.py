@@ -34,19 +34,31 @@ class Step:
 
 @dataclass
 class EpochProgress:
-    """This rank's running totals for the current epoch; a mid-epoch checkpoint saves them."""
+    """This rank's running totals for the current epoch, kept on the device so a step never waits for the
+    GPU; a mid-epoch checkpoint saves them (reading them there is one of the loop's few host syncs)."""
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    seen: int = 0
-    skipped: int = 0
+    seen: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    skipped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def add(self, loss: torch.Tensor, batch_size: int, applied: torch.Tensor | None) -> None:
+        """Count a step; one whose update was skipped (``applied`` False) adds no loss and no images."""
+        if applied is None:
+            self.loss_sum += loss.detach().double() * batch_size
+            self.seen += batch_size
+        else:
+            self.loss_sum += torch.where(applied, loss.detach().double() * batch_size, 0.0)
+            self.seen += applied.long() * batch_size
+            self.skipped += (~applied).long()
 
     def state_dict(self) -> dict:
-        return {"loss_sum": float(self.loss_sum), "seen": self.seen, "skipped": self.skipped}
+        return {"loss_sum": float(self.loss_sum), "seen": int(self.seen), "skipped": int(self.skipped)}
 
     @classmethod
     def from_state(cls, state: dict | None, device: torch.device) -> "EpochProgress":
         state = state or {}
         return cls(torch.tensor(state.get("loss_sum", 0.0), dtype=torch.float64, device=device),
-                   int(state.get("seen", 0)), int(state.get("skipped", 0)))
+                   torch.tensor(int(state.get("seen", 0)), device=device),
+                   torch.tensor(int(state.get("skipped", 0)), device=device))
 
 
 class Hook:
@@ -59,12 +71,12 @@ class Hook:
         """The loss about to be back-propagated; may return a different one (e.g. an injected NaN)."""
         return loss
 
-    def accept_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, at: Step) -> bool:
-        """False skips the optimizer update of this step; raising stops training before it."""
-        return True
+    def accept_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, at: Step) -> torch.Tensor | None:
+        """A 0-d bool tensor on the device: False skips this step's update (without a host sync); None: no say."""
+        return None
 
     def after_step(self, at: Step, loss: torch.Tensor, batch_size: int, progress: EpochProgress) -> None:
-        """After an applied update (e.g. a progress line, a mid-epoch checkpoint)."""
+        """After the step, applied or skipped (e.g. a progress line, a mid-epoch checkpoint)."""
 
 
 def autocast(bf16: bool, device: torch.device):
@@ -88,15 +100,32 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     return loss, grad_norm
 
 
+def gated_step(optimizer: torch.optim.Optimizer, applied: torch.Tensor | None) -> None:
+    """``optimizer.step()``, skipped where the device flag ``applied`` is False without reading it on the host:
+    fused optimizers take the flag as ``found_inf``, as under ``torch.amp.GradScaler``. Any other optimizer
+    is stepped only after reading the flag (one host sync)."""
+    if applied is None:
+        optimizer.step()
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~applied).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(applied):
+        optimizer.step()
+
+
 def train_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler,
                 hooks: Sequence[Hook] = (), *, epoch: int, steps: int, first_step: int = 0,
                 progress: EpochProgress | None = None, criterion=None, grad_clip: float = 0.0,
                 bf16: bool = False) -> EpochProgress:
     """Train over ``loader`` from ``first_step`` to ``steps``; return this rank's totals for the epoch.
 
-    ``scheduler.per_step`` says whether the learning rate moves every step (else the caller steps it per
-    epoch). A skipped step (a hook's ``accept_step`` said no) still advances a per-step schedule, so the
-    schedule does not depend on how many steps were skipped."""
+    No line here waits for the device: the loss, totals and skip verdicts stay tensors, and hooks read them
+    only when they must (a progress line, a checkpoint). ``scheduler.per_step`` says whether the learning rate
+    moves every step (else the caller steps it per epoch). A skipped step (a hook's ``accept_step`` said no)
+    still advances a per-step schedule, so the schedule does not depend on how many steps were skipped."""
     criterion = criterion or torch.nn.CrossEntropyLoss()
     progress = progress or EpochProgress()
     model.train()
@@ -108,17 +137,12 @@ def train_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim
             hook.before_step(at)
         loss, grad_norm = train_step(model, images, labels, optimizer=optimizer, criterion=criterion,
                                      grad_clip=grad_clip, bf16=bf16, hooks=hooks, at=at)
-        if not all([hook.accept_step(loss, grad_norm, at) for hook in hooks]):   # every hook sees the step
-            optimizer.zero_grad(set_to_none=True)
-            progress.skipped += 1
-            if scheduler.per_step:
-                scheduler.step()
-            continue
-        optimizer.step()
+        verdicts = [v for v in (hook.accept_step(loss, grad_norm, at) for hook in hooks) if v is not None]
+        applied = torch.stack(verdicts).all() if verdicts else None
+        gated_step(optimizer, applied)
         if scheduler.per_step:
             scheduler.step()
-        progress.loss_sum += loss.detach().double() * labels.shape[0]
-        progress.seen += labels.shape[0]
+        progress.add(loss, labels.shape[0], applied)
         for hook in hooks:
             hook.after_step(at, loss, labels.shape[0], progress)
     return progress

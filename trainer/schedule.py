@@ -18,7 +18,12 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
     else:
         groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.peak_lr(), momentum=o.momentum, nesterov=o.nesterov)
+    # fused: one kernel per device, and it can skip a step on a device-side flag (trainer/loop.py gated_step)
+    optimizer = torch.optim.SGD(groups, lr=cfg.peak_lr(), momentum=o.momentum, nesterov=o.nesterov, fused=True)
+    if o.momentum:   # the fused kernel leaves a first step's buffer uninitialised when that step is skipped;
+        for p in params:   # a zero buffer gives the same first update (buf = momentum * 0 + grad)
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 class PlateauDivider:

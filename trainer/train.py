@@ -100,7 +100,8 @@ class Trainer:
             publish, registered=registered_checkpoint, log=self.log)
         self.progress_log = ProgressLog(cfg.train.log_every, cfg.train.epochs, self.world, self.optimizer, self.log)
         self.hooks: list[Hook] = [FaultInjector(cfg.fault, self.run_dir, self.rank),
-                                  NonFinitePolicy(cfg.train.skip_nonfinite, self.log),
+                                  NonFinitePolicy(cfg.train.skip_nonfinite, cfg.train.log_every,
+                                                  cfg.train.checkpoint_every, self.log),
                                   MidEpochCheckpoint(self, cfg.train.checkpoint_every), self.progress_log]
         # where training resumes: epoch, step within it, this rank's running totals, the best val top-1
         self.epoch, self.step, self.best_top1 = 0, 0, -1.0
@@ -183,7 +184,7 @@ class Trainer:
         """Validate, log, write the model files and save the training state."""
         cfg, device = self.cfg, self.device
         train_time = time.perf_counter() - t0
-        train_loss_sum, train_seen = all_reduce_sum([float(self.progress.loss_sum), self.progress.seen], device)
+        train_loss_sum, train_seen = all_reduce_sum([float(self.progress.loss_sum), int(self.progress.seen)], device)
         counts = evaluate(self.net, self.val_loader, device, bf16=cfg.use_bf16())
         v = dict(zip(("loss_sum", "top1", "top5", "n"),
                      all_reduce_sum([counts["loss_sum"], counts["top1"], counts["top5"], counts["n"]], device)))
@@ -197,7 +198,7 @@ class Trainer:
                   "val_top1": val_top1, "val_top5": val_top5, "val_n": int(v["n"]), "lr": lr_used,
                   "images_per_s": train_seen / train_time, "epoch_time_s": time.perf_counter() - t0,
                   "workers": self.world, "global_batch": self.batch * self.world,
-                  "skipped_steps": int(all_reduce_sum([self.progress.skipped], device)[0]) // self.world}
+                  "skipped_steps": int(all_reduce_sum([int(self.progress.skipped)], device)[0]) // self.world}
         rng = gather(ckpt.rng_state())
         if cfg.run.save_rank_states:
             ckpt.atomic_save(ckpt.plain_state_dict(self.net), self.run_dir / "rank_states" / f"rank{self.rank}.pt")
