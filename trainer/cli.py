@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from trainer.config import PRESETS, build_config
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = build_config(args.preset, args.config, fit_flags(args), args.sets)
             from trainer.fit import fit
             metrics = fit(cfg)
-            if metrics:
+            if metrics and int(os.environ.get("RANK", 0)) == 0:   # under torchrun: one closing line
                 print(f"[trainer] done: epoch {metrics['epoch'] + 1}, val top-1 {100 * metrics['val_top1']:.2f} %, "
                       f"top-5 {100 * metrics['val_top5']:.2f} %; see {cfg.run.out}/curves.png", flush=True)
         elif args.command == "eval":
