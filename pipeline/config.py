@@ -76,6 +76,9 @@ class LoaderConfig:
     shuffle_buffer: int = 1024     # samples in the shuffle buffer (DALI's initial_fill)
     num_workers: int = 2           # reference loader: torch DataLoader worker processes
     prefetch: int = 2              # DALI prefetch_queue_depth
+    # GPU graphs only: the share of images nvJPEG gives the hardware JPEG decoder (0-1); None keeps
+    # GPU_DECODER_SETTINGS' value (pipeline/dali_loader.py). CPU graphs ignore it.
+    hw_decoder_load: float | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -110,6 +113,9 @@ class LoaderConfig:
                               'f"cuda:{torch.cuda.current_device()}")')
         if self.lighting is not None and not isinstance(self.lighting, bool):
             bad("lighting", "must be True, False or None (paper default)")
+        if self.hw_decoder_load is not None and (isinstance(self.hw_decoder_load, bool) or not isinstance(
+                self.hw_decoder_load, (int, float)) or not 0 <= self.hw_decoder_load <= 1):
+            bad("hw_decoder_load", "must be a number in [0, 1] or None (NVIDIA's default)")
 
     # --- derived values -------------------------------------------------------------------------
     @property

@@ -47,6 +47,14 @@ GPU_DECODER_SETTINGS = dict(
     hw_decoder_load=0.75,
 )
 
+
+def gpu_decoder_settings(cfg: LoaderConfig) -> dict:
+    """GPU_DECODER_SETTINGS with ``cfg.hw_decoder_load`` when it is set."""
+    if cfg.hw_decoder_load is None:
+        return GPU_DECODER_SETTINGS
+    return {**GPU_DECODER_SETTINGS, "hw_decoder_load": float(cfg.hw_decoder_load)}
+
+
 _DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
 
 
@@ -92,7 +100,7 @@ def _graph(cfg: LoaderConfig, paths: list[str], index_paths: list[str], *, train
         shard_id=cfg.rank, num_shards=cfg.world_size, stick_to_shard=True, name="reader")
     gpu = cfg.device_id is not None
     decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB,
-                  **(GPU_DECODER_SETTINGS if gpu else {}))
+                  **(gpu_decoder_settings(cfg) if gpu else {}))
     norm = dict(std=list(IMAGENET_STD_255), dtype=_DALI_DTYPES[cfg.dtype],
                 output_layout="CHW" if cfg.layout == "NCHW" else "HWC")
     size = cfg.image_size
