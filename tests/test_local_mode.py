@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,31 @@ def test_local_mode_resumes_mid_epoch_and_matches_the_uninterrupted_run(local_ru
     a = torch.load(root / "a" / "last.pt", weights_only=True)["model"]
     b = torch.load(root / "b" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _break_model(checkpoint_dir: Path) -> None:
+    """A training state that still loads, with one layer that is not this model's."""
+    path = checkpoint_dir / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["model"]["fc8.weight"] = torch.zeros(3, 3)
+    torch.save(state, path)
+
+
+def test_a_checkpoint_that_does_not_fit_is_skipped_and_none_fitting_is_one_line(local_runs, digits_shards, tmp_path,
+                                                                                capsys):
+    root, _, _ = local_runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "a", run)
+    older, newest = sorted((run / "ray").glob("checkpoint_*"))   # epoch 2 after step 4, epoch 2's end
+    _break_model(newest)
+    capsys.readouterr()
+    assert fit(digits_shards, run, "--epochs", "3") == 0
+    out = capsys.readouterr().out
+    assert f"not resuming from {newest}: it does not fit this model (fc8.weight is (3, 3)" in out, out
+    assert f"resumed from {older} at epoch 2/3 step 5/6" in out, out
+    for checkpoint in (run / "ray").glob("checkpoint_*"):
+        _break_model(checkpoint)
+    assert fit(digits_shards, run, "--epochs", "4") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run / 'ray'}: no checkpoint there fits this model"), err
+    assert [r["epoch"] for r in read_metrics(run)] == [0, 1, 2]    # nothing trained, nothing lost
