@@ -9,7 +9,7 @@ TORCH_VERSION  ?= 2.13.0
 TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo_data
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test fuzz bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+
+# The property-based fuzz tests with many more examples than `make test` runs, from a random seed.
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests -k fuzz
 
 bench: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/shards.py

@@ -3,8 +3,8 @@
 1. ``folders``: a class-folder tree ``ROOT/<class>/<file>`` (files may sit in sub-folders of the class).
    Each directory is walked once (by device and inode), so a symlink loop or a second link to a folder
    adds nothing; anything that is not a regular file (FIFO, socket, device, broken link) and any folder
-   that cannot be listed is recorded as a reject. OUT, a folder holding OUT, and any shard directory
-   (one with ``manifest.json``, ``.partial``, ``.lock`` or shard tars) are not classes and are skipped.
+   that cannot be listed is recorded as a reject. OUT and any shard directory (one with ``manifest.json``,
+   ``.partial``, ``.lock`` or shard tars) are skipped, and a folder that holds nothing but OUT is no class.
 2. ``imagenet-tar``: ``ILSVRC2012_img_train.tar``, a tar of per-class tars ``n01440764.tar`` (also a plain
    tar of class folders). Read in place: one pass over the headers records where each image's bytes are,
    workers then read them by offset. Nothing is unpacked to disk. A tar (outer or per-class) that does not
@@ -72,7 +72,7 @@ def read_item_bytes(item: Item) -> bytes:
                 raise OSError(f"not a regular file: {item.path}")
             if st.st_size > MAX_FILE_BYTES:
                 raise OSError(f"{st.st_size} bytes, more than the {MAX_FILE_BYTES} an image may have")
-            return f.read(MAX_FILE_BYTES + 1)
+            return f.read(st.st_size + 1)  # not MAX_FILE_BYTES: read(n) allocates n bytes up front
     if item.size > MAX_FILE_BYTES:
         raise OSError(f"{item.size} bytes, more than the {MAX_FILE_BYTES} an image may have")
     fd = _TAR_FDS.get(item.path)
@@ -146,9 +146,19 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _walk_class(root: Path, name: str, seen_dirs: dict, out: str | None, items: list[Item]) -> None:
+def _class_of(real: str, class_reals: dict[str, str]) -> str | None:
+    """The class whose folder (a real path) holds the real path ``real``, if any."""
+    for folder, name in class_reals.items():
+        if real == folder or real.startswith(folder.rstrip(os.sep) + os.sep):
+            return name
+    return None
+
+
+def _walk_class(root: Path, name: str, seen_dirs: dict, class_reals: dict[str, str], out: str | None,
+                items: list[Item]) -> None:
     """Every file under ``root/name``, depth first in name order (files of a folder, then its sub-folders),
-    each directory once; what cannot be a sample is appended with its problem."""
+    each directory once; what cannot be a sample is appended with its problem. A link to a folder inside
+    another class is not followed: its images belong to that class."""
     seen_files: dict[tuple[int, int], str] = {}
     stack = [name]
     while stack:
@@ -187,7 +197,12 @@ def _walk_class(root: Path, name: str, seen_dirs: dict, out: str | None, items: 
                 items.append(Item(child, name, str(full), problem=f"directory already walked as "
                                   f"{seen_dirs[ident]} (a symlink loop or a second link): skipped"))
                 continue
-            if _holds(os.path.realpath(full), out):
+            real = os.path.realpath(full)
+            if _holds(real, out):
+                continue
+            owner = _class_of(real, class_reals)
+            if owner is not None and owner != name:
+                items.append(Item(child, name, str(full), problem=f"a link into class folder {owner}: skipped"))
                 continue
             seen_dirs[ident] = child
             walk_next.append(child)
@@ -218,8 +233,8 @@ def scan_folders(root: Path, out: str | os.PathLike | None = None) -> Source:
         if not stat.S_ISDIR(st.st_mode):
             loose = True
             continue
-        if _holds(os.path.realpath(full), out_real):
-            continue  # OUT inside SOURCE (or a folder holding it): never a class
+        if os.path.realpath(full) == out_real:
+            continue  # OUT inside SOURCE: never a class
         try:
             if _is_shard_dir(_list_dir(full)):
                 continue  # another split's shards kept beside the images
@@ -235,9 +250,14 @@ def scan_folders(root: Path, out: str | os.PathLike | None = None) -> Source:
     if not class_names:
         hint = " (it holds files: for a flat folder pass --csv LABELS.csv)" if loose else ""
         raise ShardError(f"{root}: no class folders found{hint}; expected ROOT/<class>/<image>")
+    class_reals = {os.path.realpath(root / name): name for name in class_names}
+    labels = []
     for name in class_names:
-        _walk_class(root, name, seen_dirs, out_real, items)
-    return Source("folders", items, class_names)
+        before = len(items)
+        _walk_class(root, name, seen_dirs, class_reals, out_real, items)
+        if len(items) > before or not _holds(os.path.realpath(root / name), out_real):
+            labels.append(name)  # a folder made only to hold OUT (SOURCE/_shards/train) is not a class
+    return Source("folders", items, labels)
 
 
 # ---------------------------------------------------------------- form 2: ILSVRC tars
