@@ -186,6 +186,10 @@ CASES = [
          "error: train.batch_size must be an integer >= 1, got -8"),
     Case("zero epochs", [*FIT, "--train", "{train}", "--epochs", "0"],
          "error: train.epochs must be an integer >= 1, got 0"),
+    Case("NaN for a float key", [*FIT, "--train", "{train}", "--set", "run.cpus_per_worker=.nan"],
+         "error: run.cpus_per_worker must be a finite number, got nan"),
+    Case("negative seed", [*FIT, "--train", "{train}", "--set", "train.seed=-1"],
+         "error: train.seed must be an integer >= 0, got -1"),
     Case("more workers than the cluster can place", [*FIT, "--train", "{train}", "--workers", "{too_many}",
                                                      "--batch-size", "32", "--set", "run.placement_timeout_s=1"],
          "error: the Ray cluster can place {ray_cpus} of {too_many} workers needing {{CPU: 1}} each "

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import typing
 
 import numpy as np
 import pytest
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.config import build_config, config_from_dict, modern_preset, paper_preset
+from trainer.config import SECTIONS, _field_types, build_config, config_from_dict, modern_preset, paper_preset
 from trainer.metrics import MetricsLog, read_metrics, topk_correct
 from trainer.model import AlexNet, count_parameters
 from trainer.schedule import PlateauDivider, WarmupCosine, make_optimizer
@@ -122,6 +124,127 @@ def test_config_round_trips_through_a_checkpoint_dict():
     cfg = build_config("paper", sets=["model.width=0.25", "run.workers=2"], need_data=False)
     again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+
+
+ALL_KEYS = [f"{s}.{n}" for s in SECTIONS for n in _field_types(s)]
+FLOAT_KEYS = [f"{s}.{n}" for s in SECTIONS for n, t in _field_types(s).items()
+              if t is float or float in typing.get_args(t)]   # run.gpus_per_worker: a number or "auto"
+
+
+def refusal(sets: list[str]) -> str:
+    with pytest.raises(ValueError) as e:
+        build_config(sets=sets, need_data=False)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def other_keys(message: str, key: str) -> list[str]:
+    return [k for k in ALL_KEYS if k != key and re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", message)]
+
+
+@pytest.mark.parametrize("value, shown", [(".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf")])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_refuses_nan_and_inf_naming_the_key(key, value, shown):
+    assert len(FLOAT_KEYS) >= 14
+    assert refusal([f"{key}={value}"]) == f"{key} must be a finite number, got {shown}"
+
+
+@pytest.mark.parametrize("setting, message", [
+    # seeds: numpy's range, refused before anything starts
+    ("train.seed=-1", "train.seed must be an integer >= 0, got -1"),
+    ("train.seed=4294967296", "train.seed must be <= 4294967295, got 4294967296"),
+    # upper bounds on sizes and counts
+    ("data.image_size=1025", "data.image_size must be <= 1024 (63 is the smallest input AlexNet's layers accept), "
+                             "got 1025"),
+    ("data.resize_shorter=2049", "data.resize_shorter must be <= 2048 (0 = image_size * 256 / 224), got 2049"),
+    ("data.num_threads=257", "data.num_threads must be <= 256, got 257"),
+    ("model.width=8.5", "model.width must be in (0, 8], got 8.5"),
+    ("train.batch_size=131072", "train.batch_size must be <= 65536, got 131072"),
+    ("train.epochs=10001", "train.epochs must be <= 10000, got 10001"),
+    ("run.workers=4097", "run.workers must be <= 4096 (0 = local mode, in this process), got 4097"),
+    ("run.cpus_per_worker=2000", "run.cpus_per_worker must be in (0, 1024], got 2000.0"),
+    ("optim.lr=11", "optim.lr must be in (0, 10], got 11.0"),
+    # once lumped together, now one key per message
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be in [0, 1], got -0.1"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be in [0, 1e+06] (0 = off), got -1.0"),
+    ("optim.label_smoothing=1", "optim.label_smoothing must be in [0, 1), got 1.0"),
+    ("schedule.patience=-1", "schedule.patience must be an integer >= 0, got -1"),
+    ("schedule.max_reductions=-1", "schedule.max_reductions must be an integer >= 0, got -1"),
+    ("schedule.warmup_epochs=-1", "schedule.warmup_epochs must be in [0, 10000], got -1.0"),
+    ("schedule.warmup_start=0", "schedule.warmup_start must be in (0, 1], got 0.0"),
+    ("schedule.final_fraction=1.5", "schedule.final_fraction must be in [0, 1], got 1.5"),
+    ("train.max_steps_per_epoch=-1", "train.max_steps_per_epoch must be an integer >= 0 (0 = full epochs), got -1"),
+    ("train.log_every=0", "train.log_every must be an integer >= 1, got 0"),
+    ("run.gpus_per_worker=-1", "run.gpus_per_worker must be in [0, 16], got -1.0"),
+    ("run.cpus_per_worker=0", "run.cpus_per_worker must be in (0, 1024], got 0.0"),
+    ("fault.kill_at_step=-1", "fault.kill_at_step must be an integer >= 0 (0 = off), got -1"),
+    ("fault.nan_at_step=-3", "fault.nan_at_step must be an integer >= 0 (0 = off), got -3"),
+    ("fault.rank=-1", "fault.rank must be an integer >= 0, got -1"),
+    # an int key given NaN fails in the conversion, still naming the key
+    ("train.epochs=.nan", "train.epochs must be a int, got nan"),
+])
+def test_each_bad_value_is_one_line_naming_only_its_key(setting, message):
+    key = setting.split("=")[0]
+    got = refusal([setting])
+    assert got == message
+    assert other_keys(got, key) == []
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["fault.rank=2", "run.workers=2"], "fault.rank must be in [0, run.workers=2), got 2"),
+    (["data.resize_shorter=100", "data.image_size=128"],
+     "data.resize_shorter must be 0 or >= data.image_size (128), got 100"),
+    (["optim.nesterov=true", "optim.momentum=0"],
+     "optim.nesterov needs optim.momentum > 0 (Nesterov momentum without momentum is plain SGD), got True"),
+])
+def test_checks_between_keys_name_the_refused_key_first(sets, message):
+    assert refusal(sets) == message
+
+
+def test_each_section_validates_itself():
+    from trainer.config import DataConfig, FaultConfig, RunConfig, TrainConfig
+
+    for section in SECTIONS.values():
+        section().validate()                              # the defaults are valid
+    with pytest.raises(ValueError, match=r"^data\.num_threads must be <= 256, got 1000$"):
+        DataConfig(num_threads=1000).validate()
+    with pytest.raises(ValueError, match=r"^train\.seed must be an integer >= 0, got -1$"):
+        TrainConfig(seed=-1).validate()
+    with pytest.raises(ValueError, match=r"^run\.cpus_per_worker must be a finite number, got nan$"):
+        RunConfig(cpus_per_worker=float("nan")).validate()
+    with pytest.raises(ValueError, match=r"^fault\.raise_at_step must be an integer >= 0 \(0 = off\), got -2$"):
+        FaultConfig(raise_at_step=-2).validate()
+    with pytest.raises(TypeError):
+        TrainConfig(5)                                    # keyword-only
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "seed", -1, "train.seed must be an integer >= 0, got -1"),
+    ("optim", "lr", float("nan"), "optim.lr must be a finite number, got nan"),
+    ("run", "cpus_per_worker", float("inf"), "run.cpus_per_worker must be a finite number, got inf"),
+    ("data", "image_size", 4096, "data.image_size must be <= 1024 (63 is the smallest input AlexNet's layers accept), "
+                                 "got 4096"),
+])
+def test_config_from_dict_validates(section, key, value, message):
+    saved = json.loads(json.dumps(build_config(need_data=False).to_dict()))
+    saved[section][key] = value
+    with pytest.raises(ValueError) as e:
+        config_from_dict(saved)
+    assert str(e.value) == message
+
+
+def test_loader_config_carries_the_run_settings(tmp_path):
+    cfg = build_config("paper", sets=["data.image_size=64", "train.seed=7", "data.crop=rrc", "data.num_threads=3"],
+                       need_data=False)
+    lcfg = cfg.loader_config(str(tmp_path), rank=1, world_size=2, device=torch.device("cpu"), batch_size=16,
+                             ten_crop=True)
+    assert (lcfg.shard_dir, lcfg.rank, lcfg.world_size, lcfg.device, lcfg.batch_size) == (str(tmp_path), 1, 2, "cpu", 16)
+    assert (lcfg.seed, lcfg.crop, lcfg.image_size, lcfg.resize_shorter) == (7, "rrc", 64, 73)
+    assert (lcfg.num_threads, lcfg.num_workers, lcfg.ten_crop, lcfg.layout, lcfg.dtype) == (3, 3, True, "NCHW", "float32")
+    assert lcfg.lighting is True and lcfg.flip is True
+    cfg.train.channels_last = "on"
+    assert cfg.loader_config(str(tmp_path), rank=0, world_size=1, device="cpu", batch_size=8).layout == "NHWC"
 
 
 # ---- schedules --------------------------------------------------------------------------------

@@ -12,10 +12,48 @@ The YAML file mirrors the dataclasses::
     optim: {lr: 0.02}
     train: {epochs: 10, batch_size: 128}
     run:   {out: runs/demo, workers: 2}
+
+Each section checks its own values (``DataConfig.validate`` etc.); :meth:`Config.validate` runs them and
+then the checks that span sections. Every message is one line naming one key and its value. Numbers must
+be finite (NaN and inf are refused) and within these bounds:
+
+=============================  ====================================================================
+data.image_size                integer 63..1024 (63: the smallest input AlexNet's layers accept)
+data.resize_shorter            0 (= image_size * 256 / 224) or image_size..2048
+data.num_threads               integer 1..256
+model.width                    (0, 8]
+model.dropout                  [0, 1)
+optim.lr                       (0, 10]
+optim.lr_reference_batch       integer 0..65536 (0 = no scaling)
+optim.momentum                 [0, 1)
+optim.weight_decay             [0, 1]
+optim.label_smoothing          [0, 1)
+optim.grad_clip                [0, 1e6] (0 = off)
+schedule.factor                (0, 1)
+schedule.patience              integer 0..10000
+schedule.max_reductions        integer 0..100
+schedule.warmup_epochs         [0, 10000]
+schedule.warmup_start          (0, 1]
+schedule.final_fraction        [0, 1]
+train.epochs                   integer 1..10000
+train.batch_size               integer 1..65536 (global; divisible by run.workers)
+train.seed                     integer 0..2**32-1 (numpy's seed range)
+train.max_steps_per_epoch      integer >= 0 (0 = full epochs)
+train.log_every                integer >= 1
+train.checkpoint_every         integer >= 0 (0 = at epoch ends only)
+run.workers                    integer 0..4096 (0 = local mode, in this process)
+run.gpus_per_worker            [0, 16]; 0 or 2 with run.parallel=model
+run.cpus_per_worker            (0, 1024]
+run.max_failures               integer >= -1 (-1 = retry forever)
+run.placement_timeout_s        (0, 604800] (a week)
+fault.*_at_step                integer >= 0 (0 = off)
+fault.rank                     integer 0..run.workers-1
+=============================  ====================================================================
 """
 from __future__ import annotations
 
 import math
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,7 +62,41 @@ from typing import Any, Literal
 import yaml
 
 
-@dataclass
+class _Check:
+    """Checks the fields of one config section; each failure is one line naming ``section.key`` and its value."""
+
+    def __init__(self, section: str, values: Any):
+        self.section, self.values = section, values
+
+    def fail(self, name: str, rule: str) -> None:
+        raise ValueError(f"{self.section}.{name} {rule}, got {getattr(self.values, name)!r}")
+
+    def choice(self, name: str) -> None:
+        allowed = typing.get_args(typing.get_type_hints(type(self.values))[name])
+        if getattr(self.values, name) not in allowed:
+            self.fail(name, f"must be one of {list(allowed)}")
+
+    def flag(self, name: str) -> None:
+        if not isinstance(getattr(self.values, name), bool):
+            self.fail(name, "must be true or false")
+
+    def integer(self, name: str, minimum: int, maximum: int | None = None, note: str = "") -> None:
+        value = getattr(self.values, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            self.fail(name, f"must be an integer >= {minimum}{note}")
+        if maximum is not None and value > maximum:
+            self.fail(name, f"must be <= {maximum}{note}")
+
+    def number(self, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+               note: str = "") -> None:
+        value = getattr(self.values, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(name, "must be a finite number")
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            self.fail(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}{note}")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     train: str = ""                 # shard directory (python -m shards build)
     val: str = ""
@@ -42,15 +114,33 @@ class DataConfig:
     def shorter_side(self) -> int:
         return self.resize_shorter or round(self.image_size * 256 / 224)
 
+    def validate(self) -> None:
+        c = _Check("data", self)
+        for name in ("loader", "crop"):
+            c.choice(name)
+        for name in ("lighting", "flip"):
+            c.flag(name)
+        c.integer("image_size", 63, 1024, " (63 is the smallest input AlexNet's layers accept)")
+        c.integer("resize_shorter", 0, 2048, " (0 = image_size * 256 / 224)")
+        if self.resize_shorter and self.resize_shorter < self.image_size:
+            c.fail("resize_shorter", f"must be 0 or >= data.image_size ({self.image_size})")
+        c.integer("num_threads", 1, 256)
 
-@dataclass
+
+@dataclass(kw_only=True)
 class ModelConfig:
     width: float = 1.0              # multiplies every conv and fc width (1.0 = the paper's net)
     dropout: float = 0.5
     init: Literal["paper", "kaiming"] = "paper"
 
+    def validate(self) -> None:
+        c = _Check("model", self)
+        c.number("width", 0, 8, low_open=True)
+        c.number("dropout", 0, 1, high_open=True)
+        c.choice("init")
 
-@dataclass
+
+@dataclass(kw_only=True)
 class OptimConfig:
     lr: float = 0.01                # at a global batch of lr_reference_batch
     lr_reference_batch: int = 0     # 0: no scaling; else lr * batch_size / lr_reference_batch
@@ -61,8 +151,21 @@ class OptimConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 0.0          # max global grad norm; 0: off
 
+    def validate(self) -> None:
+        c = _Check("optim", self)
+        c.number("lr", 0, 10, low_open=True)
+        c.integer("lr_reference_batch", 0, 65536, " (0 = no scaling)")
+        c.number("momentum", 0, 1, high_open=True)
+        for name in ("nesterov", "decay_biases"):
+            c.flag(name)
+        if self.nesterov and self.momentum == 0:
+            c.fail("nesterov", "needs optim.momentum > 0 (Nesterov momentum without momentum is plain SGD)")
+        c.number("weight_decay", 0, 1)
+        c.number("label_smoothing", 0, 1, high_open=True)
+        c.number("grad_clip", 0, 1e6, note=" (0 = off)")
 
-@dataclass
+
+@dataclass(kw_only=True)
 class ScheduleConfig:
     kind: Literal["plateau", "cosine"] = "plateau"
     # plateau (section 5): divide by `factor` when val top-1 has not improved for `patience` epochs,
@@ -75,8 +178,18 @@ class ScheduleConfig:
     warmup_start: float = 0.1
     final_fraction: float = 0.0
 
+    def validate(self) -> None:
+        c = _Check("schedule", self)
+        c.choice("kind")
+        c.number("factor", 0, 1, low_open=True, high_open=True)
+        c.integer("patience", 0, 10000)
+        c.integer("max_reductions", 0, 100)
+        c.number("warmup_epochs", 0, 10000)
+        c.number("warmup_start", 0, 1, low_open=True)
+        c.number("final_fraction", 0, 1)
 
-@dataclass
+
+@dataclass(kw_only=True)
 class TrainConfig:
     epochs: int = 90
     batch_size: int = 128           # global: split evenly across workers
@@ -90,20 +203,48 @@ class TrainConfig:
     checkpoint_every: int = 0
     skip_nonfinite: bool = False    # a NaN/inf loss or gradient skips that step instead of stopping the run
 
+    def validate(self) -> None:
+        c = _Check("train", self)
+        c.integer("epochs", 1, 10000)
+        c.integer("batch_size", 1, 65536)
+        c.integer("seed", 0, 2**32 - 1)
+        for name in ("precision", "channels_last", "compile"):
+            c.choice(name)
+        c.integer("max_steps_per_epoch", 0, note=" (0 = full epochs)")
+        c.integer("log_every", 1)
+        c.integer("checkpoint_every", 0, note=" (0 = at epoch ends only)")
+        c.flag("skip_nonfinite")
 
-@dataclass
+
+@dataclass(kw_only=True)
 class RunConfig:
     out: str = ""                   # RUN_DIR
-    workers: int = 1
-    gpus_per_worker: float = 0      # 0: CPU workers (gloo); >0: GPU workers (NCCL)
+    # "auto" (trainer/fit.py decide_workers): one worker per GPU of the cluster, one GPU each; no GPU: 1 CPU worker
+    workers: int | Literal["auto"] = "auto"
+    gpus_per_worker: float | Literal["auto"] = "auto"   # 0: CPU workers (gloo); >0: GPU workers (NCCL)
     cpus_per_worker: float = 1
     parallel: Literal["data", "model"] = "data"
     max_failures: int = 2           # Ray Train restarts the group from the last checkpoint this often
     save_rank_states: bool = False  # every rank writes RUN_DIR/rank_states/rank<r>.pt each epoch (DDP check)
     placement_timeout_s: float = 120  # wait this long for a cluster with room for every worker, then fail
 
+    def validate(self) -> None:
+        c = _Check("run", self)
+        if self.workers != "auto":
+            c.integer("workers", 0, 4096, " (0 = local mode, in this process)")
+        if self.gpus_per_worker != "auto":
+            c.number("gpus_per_worker", 0, 16)
+        c.number("cpus_per_worker", 0, 1024, low_open=True)
+        c.choice("parallel")
+        if self.parallel == "model" and self.gpus_per_worker not in (0, 2, "auto"):
+            raise ValueError(f"--parallel model needs two devices per worker: --gpus-per-worker 2 "
+                             f"(or 0 for two CPU columns), got {self.gpus_per_worker}")
+        c.integer("max_failures", -1, note=" (-1 = retry forever)")
+        c.flag("save_rank_states")
+        c.number("placement_timeout_s", 0, 604800, low_open=True)
 
-@dataclass
+
+@dataclass(kw_only=True)
 class FaultConfig:
     """Injected failures for tests and drills (trainer/faults.py); 0 = off. Global 1-based steps, once per RUN_DIR."""
     kill_at_step: int = 0           # SIGKILL the worker process of `rank` before this step
@@ -111,12 +252,18 @@ class FaultConfig:
     nan_at_step: int = 0            # `rank`'s loss becomes NaN at this step
     rank: int = 0
 
+    def validate(self) -> None:
+        c = _Check("fault", self)
+        for name in ("kill_at_step", "raise_at_step", "nan_at_step"):
+            c.integer(name, 0, note=" (0 = off)")
+        c.integer("rank", 0)
+
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
             "train": TrainConfig, "run": RunConfig, "fault": FaultConfig}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config:
     preset: str = "modern"
     data: DataConfig = field(default_factory=DataConfig)
@@ -134,7 +281,7 @@ class Config:
         return self.optim.lr * (self.train.batch_size / ref if ref else 1.0)
 
     def per_worker_batch(self) -> int:
-        return self.train.batch_size // max(1, self.run.workers)
+        return self.train.batch_size // max(1, 1 if self.run.workers == "auto" else self.run.workers)
 
     def loader_config(self, shard_dir: str, *, rank: int, world_size: int, device, batch_size: int,
                       ten_crop: bool = False):
@@ -149,7 +296,8 @@ class Config:
                             num_threads=d.num_threads, num_workers=d.num_threads, ten_crop=ten_crop)
 
     def on_gpu(self) -> bool:
-        return self.run.gpus_per_worker > 0
+        # "auto" is decided by fit (trainer/fit.py decide_workers) before any worker reads this
+        return self.run.gpus_per_worker != "auto" and self.run.gpus_per_worker > 0
 
     def use_bf16(self) -> bool:
         return self.train.precision == "bf16" or (self.train.precision == "auto" and self.on_gpu())
@@ -167,16 +315,13 @@ class Config:
 
     # ---- validation -----------------------------------------------------------------------------
     def validate(self, need_data: bool = True) -> "Config":
-        """Raise ValueError with an actionable message for anything that would fail later."""
+        """Raise a one-line ValueError naming the key for anything that would fail later: each section's own
+        values, then what spans sections; with ``need_data`` also the shard directories and RUN_DIR."""
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for section in SECTIONS:
-            for f in fields(SECTIONS[section]):
-                value = getattr(getattr(self, section), f.name)
-                allowed = typing.get_args(f.type) if typing.get_origin(f.type) is Literal else ()
-                if allowed and value not in allowed:
-                    raise ValueError(f"{section}.{f.name} must be one of {list(allowed)}, got {value!r}")
-        d, m, o, s, t, r = self.data, self.model, self.optim, self.schedule, self.train, self.run
+            getattr(self, section).validate()
+        d, t, r = self.data, self.train, self.run
         if need_data:
             for key in ("train", "val"):
                 path = getattr(d, key)
@@ -186,63 +331,15 @@ class Config:
                     raise ValueError(f"data.{key}: {path} is not a directory; build it with `python -m shards build`")
             if not r.out:
                 raise ValueError("run.out is not set: pass --out RUN_DIR")
-        _positive("data.image_size", d.image_size, minimum=63)
-        if d.resize_shorter and d.resize_shorter < d.image_size:
-            raise ValueError(f"data.resize_shorter ({d.resize_shorter}) must be >= data.image_size ({d.image_size}) or 0")
-        _positive("data.num_threads", d.num_threads)
-        if not (m.width > 0 and math.isfinite(m.width)):
-            raise ValueError(f"model.width must be a positive number, got {m.width}")
-        if not 0 <= m.dropout < 1:
-            raise ValueError(f"model.dropout must be in [0, 1), got {m.dropout}")
-        if not (o.lr > 0 and math.isfinite(o.lr)):
-            raise ValueError(f"optim.lr must be positive, got {o.lr}")
-        if o.lr_reference_batch < 0:
-            raise ValueError(f"optim.lr_reference_batch must be >= 0 (0 = no scaling), got {o.lr_reference_batch}")
-        if not 0 <= o.momentum < 1:
-            raise ValueError(f"optim.momentum must be in [0, 1), got {o.momentum}")
-        if o.nesterov and o.momentum == 0:
-            raise ValueError("optim.nesterov needs optim.momentum > 0")
-        if o.weight_decay < 0 or not 0 <= o.label_smoothing < 1 or o.grad_clip < 0:
-            raise ValueError("optim.weight_decay and optim.grad_clip must be >= 0 and optim.label_smoothing in [0, 1)")
-        if not 0 < s.factor < 1:
-            raise ValueError(f"schedule.factor must be in (0, 1), got {s.factor}")
-        if s.patience < 0 or s.max_reductions < 0 or s.warmup_epochs < 0:
-            raise ValueError("schedule.patience, schedule.max_reductions and schedule.warmup_epochs must be >= 0")
-        if not 0 < s.warmup_start <= 1 or not 0 <= s.final_fraction <= 1:
-            raise ValueError("schedule.warmup_start must be in (0, 1] and schedule.final_fraction in [0, 1]")
-        _positive("train.epochs", t.epochs)
-        _positive("train.batch_size", t.batch_size)
-        if t.max_steps_per_epoch < 0 or t.log_every < 1:
-            raise ValueError("train.max_steps_per_epoch must be >= 0 and train.log_every >= 1")
-        if t.checkpoint_every < 0:
-            raise ValueError(f"train.checkpoint_every must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every}")
-        if not isinstance(r.workers, int) or r.workers < 0:
-            raise ValueError(f"run.workers must be an integer >= 0 (0 = local mode, in this process), got {r.workers!r}")
-        if r.workers and t.batch_size % r.workers:
+        if r.workers != "auto" and r.workers and t.batch_size % r.workers:
             raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
                              f"run.workers ({r.workers}); e.g. --batch-size {t.batch_size // r.workers * r.workers or r.workers}")
-        if r.gpus_per_worker < 0 or r.cpus_per_worker <= 0:
-            raise ValueError("run.gpus_per_worker must be >= 0 and run.cpus_per_worker > 0")
-        if r.parallel == "model" and r.gpus_per_worker not in (0, 2):
-            raise ValueError(f"--parallel model needs two devices per worker: --gpus-per-worker 2 "
-                             f"(or 0 for two CPU columns), got {r.gpus_per_worker}")
         if r.parallel == "model" and t.compile == "on":
             raise ValueError("--parallel model runs eagerly (trainer/parallel.py's two-column forward is not "
                              "compiled); use --set train.compile=auto or off")
-        if not r.placement_timeout_s > 0:
-            raise ValueError(f"run.placement_timeout_s must be > 0, got {r.placement_timeout_s}")
-        f = self.fault
-        if min(f.kill_at_step, f.raise_at_step, f.nan_at_step) < 0 or not 0 <= f.rank < max(1, r.workers):
-            raise ValueError(f"fault.*_at_step must be >= 0 (0 = off) and fault.rank in [0, run.workers={r.workers}), "
-                             f"got {f}")
-        if r.max_failures < -1:
-            raise ValueError(f"run.max_failures must be >= -1 (-1 = retry forever), got {r.max_failures}")
+        if self.fault.rank >= max(1, 1 if r.workers == "auto" else r.workers):
+            raise ValueError(f"fault.rank must be in [0, run.workers={r.workers}), got {self.fault.rank}")
         return self
-
-
-def _positive(name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 # ---- presets ------------------------------------------------------------------------------------
@@ -272,6 +369,15 @@ PRESETS = {"paper": paper_preset, "modern": modern_preset}
 def _convert(value: Any, type_: Any, key: str) -> Any:
     """Coerce a YAML value or a --set string to the field's type; raise naming the key."""
     origin = typing.get_origin(type_)
+    if origin in (typing.Union, types.UnionType):   # e.g. int | Literal["auto"]: the first option that fits
+        for option in sorted(typing.get_args(type_), key=lambda t: typing.get_origin(t) is not Literal):
+            try:
+                return _convert(value, option, key)
+            except ValueError:
+                pass
+        names = [{int: "an integer", float: "a number"}.get(t) or " or ".join(map(repr, typing.get_args(t)))
+                 for t in typing.get_args(type_)]
+        raise ValueError(f"{key} must be {' or '.join(names)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(type_)
         if value not in allowed:
@@ -377,7 +483,8 @@ def build_config(preset: str | None = None, config_file: str | None = None,
 
 
 def config_from_dict(d: dict) -> Config:
-    """Rebuild a Config saved with :meth:`Config.to_dict` (e.g. from a checkpoint)."""
+    """Rebuild a Config saved with :meth:`Config.to_dict` (e.g. from a checkpoint), validated like a new one
+    (the shard directories are not looked for: they may be staged, or on another machine)."""
     cfg = Config(preset=d.get("preset", "modern"))
     flat = {f"{s}.{k}": v for s in SECTIONS for k, v in d.get(s, {}).items()}
-    return apply_overrides(cfg, flat, "checkpoint config")
+    return apply_overrides(cfg, flat, "checkpoint config").validate(need_data=False)
