@@ -520,7 +520,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--id-column", help="CSV column naming the image file (without --suffix)")
     p.add_argument("--label-column", help="CSV column holding the label")
     p.add_argument("--suffix", help="appended to the id to get the file name (.JPEG for LOC_val_solution.csv)")
-    p.add_argument("--synsets", help="wnid -> name file (LOC_synset_mapping.txt / synset_words.txt)")
+    p.add_argument("--synsets", help="wnid -> name file (LOC_synset_mapping.txt format); overrides, wnid by wnid, "
+                   "the 1,000 ILSVRC-2012 names that ship with the package")
     p.add_argument("--strict", action="store_true", help="any rejected file is fatal")
     p.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
