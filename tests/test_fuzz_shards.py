@@ -11,7 +11,7 @@ Each generated input goes through ``shards.__main__.main(argv)`` in this process
   independent reading of the input (``tarfile`` extraction, plain ``open``, the ``csv`` module).
 
 Inputs built from intact parts must also give exactly the expected samples. The images are crops of a
-real photograph (scikit-learn's ``china.jpg``). Example counts and the seed come from the Hypothesis
+real photograph (scikit-image's ``astronaut``). Example counts and the seed come from the Hypothesis
 profile (tests/conftest.py): fixed in CI, ``make fuzz`` for many more.
 """
 from __future__ import annotations
@@ -61,9 +61,9 @@ def pool() -> dict[str, list[bytes]]:
     that Hypothesis does not print it with every failing case)."""
     if _POOL:
         return _POOL
-    from sklearn.datasets import load_sample_image
+    import skimage.data
 
-    photo = load_sample_image("china.jpg")
+    photo = skimage.data.astronaut()
     rng = np.random.default_rng(0)
     crops = []
     for _ in range(4):

@@ -34,8 +34,21 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def run_cli(*args, timeout: float = 120, prefix: tuple = ()) -> subprocess.CompletedProcess:
+    """``python -m shards ARGS`` in a subprocess: for runs that need their own privileges or may hang."""
     return subprocess.run([*prefix, sys.executable, "-m", "shards", *map(str, args)], capture_output=True,
                           text=True, env=ENV, cwd=REPO, timeout=timeout)
+
+
+@pytest.fixture
+def cli(capfd):
+    """``python -m shards ARGS`` as ``main(ARGS)`` in this process (the imports paid once), with its
+    stdout and stderr as a subprocess would give them."""
+    def run(*args) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+    return run
 
 
 def one_error_line(stderr: str) -> str:
@@ -60,9 +73,21 @@ def dir_bytes(out: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def crops():
-    from shards.sample_data import photo_crops
-    return photo_crops(per_class=3, n_classes=3, seed=2)
+def crops() -> list[tuple[str, np.ndarray]]:
+    """Three crops (80-300 px sides) of each of three scikit-image photographs, under real wnids."""
+    import skimage.data
+
+    from shards.sample_data import IMAGENET_WNIDS
+
+    rng = np.random.default_rng(2)
+    out = []
+    for wnid, photo in zip(sorted(IMAGENET_WNIDS), (skimage.data.astronaut(), skimage.data.chelsea(),
+                                                    skimage.data.coffee())):
+        for _ in range(3):
+            h, w = (int(rng.integers(80, min(300, side))) for side in photo.shape[:2])
+            y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
+            out.append((wnid, np.ascontiguousarray(photo[y:y + h, x:x + w, :3])))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -106,39 +131,43 @@ BUILD = ("--split", "train", "--max-count", 2, "--seed", 3, "--quiet")
 
 # ---------------------------------------------------------------- OUT inside SOURCE, resume fingerprint
 
-def test_out_inside_source_is_never_read(tree, tmp_path):
+def test_out_inside_source_is_never_read(tree, tmp_path, cli):
     src = copy_tree(tree, tmp_path / "train")
     out = src / "_shards"
     interrupted_build(src, out)
-    resumed = run_cli("build", src, out, *BUILD)
+    resumed = cli("build", src, out, *BUILD)
     assert resumed.returncode == 0, resumed.stderr
     assert load_classes(out) == tree.wnids
     assert sorted(s["meta"]["file"] for s in samples(out)) == sorted(tree.good)
-    assert run_cli("verify", out, "--quiet").returncode == 0
+    assert cli("verify", out, "--quiet").returncode == 0
     # A clean build elsewhere, with the finished shards still inside SOURCE, writes the same bytes; so does
     # one into a pre-created empty OUT inside SOURCE (no phantom class).
     clean = tmp_path / "clean"
-    assert run_cli("build", src, clean, *BUILD).returncode == 0
+    assert cli("build", src, clean, *BUILD).returncode == 0
     assert dir_bytes(clean) == dir_bytes(out)
     (src / "_empty").mkdir()
-    assert run_cli("build", src, src / "_empty", *BUILD).returncode == 0
+    assert cli("build", src, src / "_empty", *BUILD).returncode == 0
     assert dir_bytes(src / "_empty") == dir_bytes(out)
+    # OUT inside a class folder: the class keeps its images, OUT is skipped
+    in_class = src / tree.wnids[0] / "_out"
+    assert cli("build", src, in_class, *BUILD).returncode == 0
+    assert dir_bytes(in_class) == dir_bytes(out)
 
 
-def test_resume_refuses_another_input(tree, tmp_path):
+def test_resume_refuses_another_input(tree, tmp_path, cli):
     src = copy_tree(tree, tmp_path / "train")
     out = tmp_path / "out"
     interrupted_build(src, out)
     kept = sorted(p.name for p in out.iterdir() if p.name != ".lock")  # the killed build's lock file stays
     (src / "n09999999").mkdir()
     shutil.copy(next(src.glob("*/*_1.JPEG")), src / "n09999999" / "extra.JPEG")
-    proc = run_cli("build", src, out, *BUILD)
+    proc = cli("build", src, out, *BUILD)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert str(out) in line and "other input" in line and f"now {len(tree.good) + 1} files in 4 classes" in line
     assert sorted(p.name for p in out.iterdir()) == kept
     shutil.rmtree(src / "n09999999")  # the input as it was: the build resumes
-    resumed = run_cli("build", src, out, *BUILD)
+    resumed = cli("build", src, out, *BUILD)
     assert resumed.returncode == 0 and "resuming" in resumed.stderr
 
 
@@ -162,18 +191,18 @@ def test_high_bit_depth_greyscale_is_scaled_not_clipped(crops, kind):
     assert np.abs(stored - grey).mean() < 3.0, np.abs(stored - grey).mean()
 
 
-def test_16bit_png_in_a_build(crops, tree, tmp_path):
+def test_16bit_png_in_a_build(crops, tree, tmp_path, cli):
     src = copy_tree(tree, tmp_path / "train")
     grey = _grey(crops)
     Image.fromarray(grey.astype(np.uint16) * 257).save(src / tree.wnids[0] / "deep.png")
     out = tmp_path / "out"
-    assert run_cli("build", src, out, *BUILD).returncode == 0
+    assert cli("build", src, out, *BUILD).returncode == 0
     (deep,) = [s for s in samples(out) if s["meta"]["file"].endswith("deep.png")]
     stored = np.asarray(Image.open(io.BytesIO(deep["jpg"])).convert("L"), dtype=np.float32)
     assert np.abs(stored - grey).mean() < 3.0
 
 
-def test_tiny_images_are_rejected_and_the_smallest_kept_one_loads_everywhere(crops, tree, tmp_path):
+def test_tiny_images_are_rejected_and_the_smallest_kept_one_loads_everywhere(crops, tree, tmp_path, cli):
     from pipeline import LoaderConfig, make_eval_loader, make_train_loader
 
     src = copy_tree(tree, tmp_path / "train")
@@ -181,7 +210,7 @@ def test_tiny_images_are_rejected_and_the_smallest_kept_one_loads_everywhere(cro
     for w, h in ((1, 1), (MIN_SIDE - 1, 40), (MIN_SIDE, MIN_SIDE), (MIN_SIDE, 64)):
         photo.resize((w, h), Image.BICUBIC).save(src / tree.wnids[0] / f"tiny_{w}x{h}.JPEG", quality=92)
     out = tmp_path / "out"
-    assert run_cli("build", src, out, "--split", "train", "--max-count", 4, "--quiet").returncode == 0
+    assert cli("build", src, out, "--split", "train", "--max-count", 4, "--quiet").returncode == 0
     why = rejected(out)
     assert set(why) == {f"{tree.wnids[0]}/tiny_1x1.JPEG", f"{tree.wnids[0]}/tiny_{MIN_SIDE - 1}x40.JPEG"}
     assert all("too small" in r for r in why.values())
@@ -232,13 +261,13 @@ def _rewrite_sample_jpg(split: Path, jpg: bytes, width: int, height: int) -> Non
     (split / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_a_stored_1x1_image_is_flagged_by_verify_and_still_loads(crops, tree, tmp_path):
+def test_a_stored_1x1_image_is_flagged_by_verify_and_still_loads(crops, tree, tmp_path, cli):
     from pipeline import LoaderConfig, make_train_loader
 
     out = tmp_path / "out"
-    assert run_cli("build", tree.root, out, "--split", "train", "--quiet").returncode == 0
+    assert cli("build", tree.root, out, "--split", "train", "--quiet").returncode == 0
     _rewrite_sample_jpg(out, jpeg_bytes(crops[0][1][:1, :1]), 1, 1)
-    proc = run_cli("verify", out, "--quiet")
+    proc = cli("verify", out, "--quiet")
     assert proc.returncode == 2 and f"under the {MIN_SIDE}-pixel minimum" in proc.stderr.splitlines()[-1]
     for kind in ("dali", "reference"):  # the paper crop's window is at least one pixel
         cfg = LoaderConfig(str(out), batch_size=3, image_size=32, resize_shorter=36, num_workers=0)
@@ -255,6 +284,9 @@ def test_symlink_loops_special_files_and_unreadable_folders(tree, tmp_path):
     os.mkfifo(src / a / "pipe.JPEG")
     os.symlink("missing.JPEG", src / a / "dangling.JPEG")
     os.symlink(f"{c}_1.JPEG", src / c / "z_alias.JPEG")  # a second name, later in walk order
+    (src / c / "sub").mkdir()
+    shutil.copy(src / a / f"{a}_1.JPEG", src / c / "sub" / "deep.JPEG")
+    os.symlink(f"../{c}/sub", src / a / "into_c")  # its images are c's, not a's
     private = src / b / "private"
     private.mkdir()
     shutil.copy(src / b / f"{b}_1.JPEG", private / "hidden.JPEG")
@@ -271,11 +303,11 @@ def test_symlink_loops_special_files_and_unreadable_folders(tree, tmp_path):
         private.chmod(0o755)
     assert proc.returncode == 0, proc.stderr
     files = [s["meta"]["file"] for s in samples(out)]
-    assert sorted(files) == sorted(tree.good)
+    assert sorted(files) == sorted([*tree.good, f"{c}/sub/deep.JPEG"])
     why = rejected(out)
     expect = {f"{a}/loop": "already walked", f"{a}/other": "already walked", f"{a}/pipe.JPEG": "FIFO",
               f"{a}/dangling.JPEG": "broken symlink", f"{c}/z_alias.JPEG": "the same file",
-              f"{b}/private": "cannot list directory"}
+              f"{b}/private": "cannot list directory", f"{a}/into_c": f"a link into class folder {c}"}
     assert set(why) == set(expect), why
     for path, words in expect.items():
         assert words in why[path], (path, why[path])
@@ -440,23 +472,23 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_disk_full_is_one_line_and_the_rerun_resumes(tree, tmp_path, small_disk):
+def test_disk_full_is_one_line_and_the_rerun_resumes(tree, tmp_path, small_disk, cli):
     mnt, grow = small_disk
     out = mnt / "out"
-    proc = run_cli("build", tree.root, out, *BUILD)
+    proc = cli("build", tree.root, out, *BUILD)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert "No space left on device" in line and "rerun the same command" in line
     assert not (out / "manifest.json").exists() and any(out.glob("train-*.tar"))
     grow()
-    resumed = run_cli("build", tree.root, out, *BUILD)
+    resumed = cli("build", tree.root, out, *BUILD)
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
     clean = tmp_path / "clean"
-    assert run_cli("build", tree.root, clean, *BUILD).returncode == 0
+    assert cli("build", tree.root, clean, *BUILD).returncode == 0
     assert dir_bytes(out) == dir_bytes(clean)
 
 
-def test_a_second_build_into_the_same_out_is_refused(tree, tmp_path):
+def test_a_second_build_into_the_same_out_is_refused(tree, tmp_path, cli):
     src = copy_tree(tree, tmp_path / "train")
     out = tmp_path / "out"
     argv = blocking_build_argv(sys.executable, item_at(src, 5), ["build", src, out, *BUILD])
@@ -466,7 +498,7 @@ def test_a_second_build_into_the_same_out_is_refused(tree, tmp_path):
         while time.monotonic() < deadline and not (out / "train-000001.tar").exists():
             assert first.poll() is None
             time.sleep(0.05)
-        second = run_cli("build", src, out, *BUILD)
+        second = cli("build", src, out, *BUILD)
         assert second.returncode == 2
         line = one_error_line(second.stderr)
         assert "another build" in line and str(out) in line
@@ -474,5 +506,5 @@ def test_a_second_build_into_the_same_out_is_refused(tree, tmp_path):
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert run_cli("build", src, out, *BUILD).returncode == 0  # the lock died with its holder
+    assert cli("build", src, out, *BUILD).returncode == 0  # the lock died with its holder
     assert not (out / ".lock").exists()
