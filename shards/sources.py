@@ -281,10 +281,8 @@ def _member_kind(m: tarfile.TarInfo) -> str:
 def _read_members(tar: tarfile.TarFile, what: str, read_at, limit: int) -> list[tarfile.TarInfo]:
     """All members of ``tar``, after checking that its headers parse and that it ends with the two zero
     blocks of a complete tar. ``read_at(offset, n)`` reads the tar's own bytes; ``limit`` is its size."""
-    members = []
     try:
-        for m in tar:
-            members.append(m)
+        members = list(tar)
     except Exception as e:  # noqa: BLE001 - tarfile raises many kinds on hostile headers
         raise _Corrupt(f"{what}: damaged tar header after byte {tar.offset} ({type(e).__name__}: {e})") from None
     end = tar.offset
@@ -309,9 +307,12 @@ def scan_imagenet_tar(tar_path: Path) -> Source:
         raise ShardError(f"{tar_path}: cannot read ({e.strerror or e}); pass ILSVRC2012_img_train.tar") from None
     try:
         size = os.fstat(fd).st_size
-        read_at = lambda offset, n: os.pread(fd, n, offset)  # noqa: E731
+
+        def read_at(offset: int, n: int) -> bytes:
+            return os.pread(fd, n, offset)
+
         try:
-            outer = tarfile.open(tar_path, mode="r:")
+            outer = tarfile.open(tar_path, mode="r:")  # noqa: SIM115 - closed by the `with` below
         except Exception as e:  # noqa: BLE001
             raise ShardError(f"{tar_path}: cannot read as a tar ({e}); pass ILSVRC2012_img_train.tar") from None
         with outer:
@@ -354,7 +355,7 @@ def _scan_inner_tar(outer: tarfile.TarFile, member: tarfile.TarInfo, name: str, 
     where = f"{tar_path}: {name}"
     base = member.offset_data
     try:
-        inner = tarfile.open(fileobj=outer.extractfile(member), mode="r:")
+        inner = tarfile.open(fileobj=outer.extractfile(member), mode="r:")  # noqa: SIM115 - `with` below
     except Exception as e:  # noqa: BLE001
         raise _Corrupt(f"{where}: not a readable per-class tar ({e})") from None
     out = []

@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 from PIL import Image
@@ -387,7 +386,8 @@ ids = st.sampled_from(["0", "1", "2", "./0", "sub/../1", "sub/3", "../x", "/etc/
 labels = st.sampled_from(["cat"] * 10 + ["dog"] * 10 + [" cat ", "n01440764 1 2 3 4", "é", '"q"', ""])
 headers = st.sampled_from(["id,species"] * 3 + ["ImageId,PredictionString"] * 2 + ["species,id", "id;species", "",
                                                                                    "id"])
-csv_mutations = st.one_of(st.none(), st.none(), st.none(), st.sampled_from(["bom", "latin1", "nul", "crlf", "quote", "long"]),
+csv_mutations = st.one_of(st.none(), st.none(), st.none(),
+                          st.sampled_from(["bom", "latin1", "nul", "crlf", "quote", "long"]),
                           st.tuples(st.just("bytes"), st.binary(max_size=20), st.floats(0, 1)))
 
 

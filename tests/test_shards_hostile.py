@@ -20,9 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from imagenet_like import (
+    blocking_build_argv,
+    jpeg_bytes,
+    write_class_tree,
+    write_imagenet_train_tar,
+)
 from PIL import Image
 
-from imagenet_like import blocking_build_argv, jpeg_bytes, write_class_tree, write_imagenet_train_tar
 from shards.__main__ import main
 from shards.images import MIN_SIDE, EncodeConfig, Rejected, prepare_image
 from shards.manifest import load_classes, load_manifest
@@ -36,7 +41,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 def run_cli(*args, timeout: float = 120, prefix: tuple = ()) -> subprocess.CompletedProcess:
     """``python -m shards ARGS`` in a subprocess: for runs that need their own privileges or may hang."""
     return subprocess.run([*prefix, sys.executable, "-m", "shards", *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=REPO, timeout=timeout)
+                          text=True, env=ENV, cwd=REPO, timeout=timeout, check=False)
 
 
 @pytest.fixture
@@ -65,7 +70,8 @@ def samples(out: Path) -> list[dict]:
 
 
 def rejected(out: Path) -> dict[str, str]:
-    return {json.loads(ln)["path"]: json.loads(ln)["reason"] for ln in (out / "rejected.jsonl").read_text().splitlines()}
+    lines = (out / "rejected.jsonl").read_text().splitlines()
+    return {json.loads(ln)["path"]: json.loads(ln)["reason"] for ln in lines}
 
 
 def dir_bytes(out: Path) -> dict[str, str]:
@@ -442,7 +448,8 @@ def test_a_csv_with_a_byte_order_mark_is_read(crops, tmp_path, capsys):
     folder, csv_path = _kaggle(tmp_path, crops, ["0,cat", "1,dog", "2,dog"], bom=True)
     out = tmp_path / "out"
     assert main(["build", str(folder), str(out), "--csv", str(csv_path), *CSV_ARGS]) == 0
-    assert {s["meta"]["file"]: s["meta"]["label"] for s in samples(out)} == {"0.jpg": "cat", "1.jpg": "dog", "2.jpg": "dog"}
+    got = {s["meta"]["file"]: s["meta"]["label"] for s in samples(out)}
+    assert got == {"0.jpg": "cat", "1.jpg": "dog", "2.jpg": "dog"}
 
 
 @pytest.mark.parametrize("case", ["latin-1", "field over 128 KB"])
@@ -464,7 +471,7 @@ def small_disk(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+                                           capture_output=True, check=False).returncode != 0:
         pytest.skip("needs root to mount a small tmpfs")
     try:
         yield mnt, lambda: subprocess.run(["mount", "-o", "remount,size=32m", str(mnt)], check=True)
