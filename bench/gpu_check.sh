@@ -14,11 +14,12 @@
 #
 #   data  45  ImageNet-sized photo shards: 12,288 train full size (~500 x 375) and shorter-side 256, 512 val
 #   a     35  DALI graph on the GPU: train paper / rrc, eval, ten-crop; GPU vs CPU eval pixels (goal <= 1 level)
-#   b     75  loader alone, batch 256: {256, full} shards x hw_decoder_load {0, 0.65, 1} x {4, 8, 16} threads
+#   b     80  loader alone, batch 256: {256, full} shards x hw_decoder_load {0, 0.65, 1} x {4, 8, 16} threads
 #             (goal >= 25,000 images/s from the 256 shards)
-#   c    145  paper AlexNet, bf16 + channels_last, eager and torch.compile, batch 256 / 512 / 128:
+#   c    150  paper AlexNet, bf16 + channels_last, eager and torch.compile, batch 256 / 512 / 128:
 #             synthetic vs DALI-fed images/s (goal: DALI >= 90 % of synthetic at its best config)
-#   d    130  python -m trainer fit --workers 1 --gpus-per-worker 1 --preset modern, 2 x 20 steps; trainer eval
+#   d    120  python -m trainer fit --workers 1 --gpus-per-worker 1 --preset modern (bf16, channels_last; compile
+#             off: c measures it), 2 epochs x 20 steps of 256, val 512 each epoch; trainer eval on best.pt
 #   e     30  bench/split.py --device cuda: split == single, step times (two streams / one / single)
 #   f     10  peak GPU memory of c and d
 #             steps: 425 s (7.1 min) + data 45 s = 470 s at most
@@ -42,7 +43,7 @@ FLAGS=(--out "$OUT")
 if ((DRY)); then   # a 2-core CPU: generous ceilings, the steps themselves are tiny
   declare -A BUDGET=([data]=60 [a]=45 [b]=45 [c]=120 [d]=150 [e]=45 [f]=20)
 else
-  declare -A BUDGET=([data]=45 [a]=35 [b]=75 [c]=145 [d]=130 [e]=30 [f]=10)
+  declare -A BUDGET=([data]=45 [a]=35 [b]=80 [c]=150 [d]=120 [e]=30 [f]=10)
 fi
 
 echo "== gpu_check $(date -u +%FT%TZ) on $(hostname): dry=$DRY out=$OUT python=$PY"
