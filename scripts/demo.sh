@@ -19,11 +19,11 @@ python -m shards verify "$DATA/shards/val"
 RUN="$DATA/run"
 EPOCHS=${DEMO_EPOCHS:-6}
 echo "== 3/4 train: AlexNet width 0.25, 2 Ray workers on CPU, $EPOCHS epochs -> $RUN"
-SECONDS=0
+# (the closing lines give the best epoch, wall time, images/s and where the files and Ray's logs are;
+# --verbose would also show Ray's own log lines)
 python -m trainer fit --train "$DATA/shards/train" --val "$DATA/shards/val" --out "$RUN" \
     --workers 2 --gpus-per-worker 0 --epochs "$EPOCHS" --batch-size 64 --width 0.25 \
     --set data.image_size=112 --set data.flip=false --set data.num_threads=1 --set train.log_every=10
-echo "   trained in ${SECONDS} s; curves: $RUN/curves.png, metrics: $RUN/metrics.jsonl, TensorBoard: $RUN/tb"
 echo "== 4/4 evaluate the best checkpoint on every val image (centre crop, then the paper's 10 crops)"
 python -m trainer eval --checkpoint "$RUN/best.pt" --data "$DATA/shards/val" | tee "$RUN/eval.json"
 python -m trainer eval --checkpoint "$RUN/best.pt" --data "$DATA/shards/val" --ten-crop | tee "$RUN/eval_10crop.json"

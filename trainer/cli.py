@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from trainer.config import PRESETS, build_config
 from trainer.faults import TrainingStopped
@@ -20,9 +21,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory; rerun to resume")
     f.add_argument("--preset", choices=sorted(PRESETS), default=None, help="recipe (default: modern)")
     f.add_argument("--config", metavar="FILE", help="YAML file of config sections")
-    f.add_argument("--workers", type=int, help="Ray Train workers (data-parallel ranks); 0 = local mode: train in this "
-                   "process, no Ray cluster (under torchrun, one rank per process)")
-    f.add_argument("--gpus-per-worker", type=float, help="0 = CPU workers (gloo); >0 = GPU workers (NCCL)")
+    f.add_argument("--workers", type=auto_or(int), metavar="N|auto",
+                   help="Ray Train workers (data-parallel ranks); auto (default): one per GPU of the cluster, 1 "
+                   "without GPUs; 0 = local mode: train in this process, no Ray cluster (under torchrun, one rank "
+                   "per process)")
+    f.add_argument("--gpus-per-worker", type=auto_or(float), metavar="G|auto",
+                   help="auto (default): 1 (2 with --parallel model) where the cluster has GPUs, else 0; "
+                   "0 = CPU workers (gloo); >0 = GPU workers (NCCL)")
     f.add_argument("--epochs", type=int)
     f.add_argument("--batch-size", type=int, help="global batch, split across workers (the paper: 128)")
     f.add_argument("--width", type=float, help="multiplies every conv and fc width (1.0 = the paper)")
@@ -31,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
                    help="data: DDP across workers; model: also split each worker's net over two devices")
     f.add_argument("--stage-to", metavar="DIR", help="copy --train/--val (paths or fsspec URLs) to DIR on each "
                    "node first (one copy per node, sha256-checked)")
+    f.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own log lines (kept in Ray's log folder otherwise)")
     f.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=0.02 (repeatable)")
 
@@ -49,6 +56,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def auto_or(kind: type):
+    def parse(text: str):
+        if text == "auto":
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} or auto, "
+                                             f"got {text!r}") from None
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
 def fit_flags(args: argparse.Namespace) -> dict:
     return {"data.train": args.train, "data.val": args.val, "run.out": args.out, "run.workers": args.workers,
             "run.gpus_per_worker": args.gpus_per_worker, "train.epochs": args.epochs,
@@ -61,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fit":
             cfg = build_config(args.preset, args.config, fit_flags(args), args.sets)
+            from trainer.console import summary
             from trainer.fit import fit
-            metrics = fit(cfg)
-            if metrics and int(os.environ.get("RANK", 0)) == 0:   # under torchrun: one closing line
-                print(f"[trainer] done: epoch {metrics['epoch'] + 1}, val top-1 {100 * metrics['val_top1']:.2f} %, "
-                      f"top-5 {100 * metrics['val_top5']:.2f} %; see {cfg.run.out}/curves.png", flush=True)
+            from trainer.ray_cluster import ray_log_dir
+            started = time.perf_counter()
+            fit(cfg, verbose=args.verbose)
+            if int(os.environ.get("RANK", 0)) == 0:   # under torchrun: one closing summary
+                print("\n".join(summary(cfg.run.out, time.perf_counter() - started,
+                                        ray_log_dir() if cfg.run.workers else None)), flush=True)
         elif args.command == "eval":
             from trainer.evaluate import evaluate
             r = evaluate(args.checkpoint, args.data, ten_crop=args.ten_crop, workers=args.workers,

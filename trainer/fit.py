@@ -9,6 +9,7 @@ and no actors; under ``torchrun`` each of its processes is one rank (docs/traini
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import torch
 from shards import fileio
 from trainer import checkpoint as ckpt
 from trainer.config import Config, config_from_dict
+from trainer.console import Follow, RunLog
 from trainer.faults import TrainingStopped
 from trainer.train import STOPPED, Placement, Trainer
 
@@ -67,10 +69,15 @@ def train_worker(loop_config: dict) -> None:
     cfg: Config = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     local_mode = cfg.run.workers == 0
+    if not local_mode and not loop_config.get("verbose"):
+        # Ray Train gives a worker's root logger a console handler at INFO; some of its own INFO lines (e.g.
+        # "Reporting training result", logged under a file path, not "ray.train") reach the driver that way
+        logging.getLogger().setLevel(logging.WARNING)
     place = Placement(rank=ctx.get_world_rank(), world=ctx.get_world_size(), local_rank=ctx.get_local_rank(),
                       devices=worker_devices(cfg, ctx.get_local_rank(), local_mode))
     publish = local_publish(Path(cfg.run.out) / RAY_SUBDIR) if local_mode else ray_publish
-    Trainer(cfg, loop_config["classes"], place, publish, ray.train.get_checkpoint()).run()
+    Trainer(cfg, loop_config["classes"], place, publish, ray.train.get_checkpoint(),
+            log=RunLog(cfg.run.out)).run()
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -116,10 +123,42 @@ def data_classes(cfg: Config) -> list[str]:
     return classes
 
 
-def fit(cfg: Config) -> dict[str, Any]:
-    """Train as ``cfg`` says; return the last reported metrics (empty when there was nothing left to do)."""
+def choose_workers(cfg: Config, verbose: bool = False) -> str:
+    """Resolve ``"auto"`` workers / GPUs per worker (trainer/ray_cluster.py ``decide_workers``) in ``cfg``;
+    join or start the Ray cluster they run on. Returns the reason for the start line."""
+    from trainer.ray_cluster import (batch_split_error, decide_workers, init_ray, joins_existing_cluster,
+                                     local_resources)
+
+    r = cfg.run
+    auto = "auto" in (r.workers, r.gpus_per_worker)
+    if not auto:
+        resources = {}
+    elif r.workers == 0 or not joins_existing_cluster():
+        resources = local_resources()   # local mode, or the local cluster init_ray starts below
+    else:
+        import ray
+
+        init_ray(1, r.cpus_per_worker, 0, verbose=verbose)   # joins RAY_ADDRESS: count *its* GPUs
+        resources = ray.cluster_resources()
+    r.workers, r.gpus_per_worker, reason = decide_workers(r.workers, r.gpus_per_worker, resources,
+                                                          parallel=r.parallel)
+    if auto and r.workers and cfg.train.batch_size % r.workers:
+        raise ValueError(batch_split_error(cfg.train.batch_size, r.workers, reason))
+    cfg.validate(need_data=False)   # what "auto" became, checked like explicit values
+    if r.workers:
+        init_ray(r.workers, r.cpus_per_worker, r.gpus_per_worker, verbose=verbose)
+    return reason
+
+
+def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
+    """Train as ``cfg`` says; return the last reported metrics (empty when there was nothing left to do).
+
+    Rank 0's lines reach this process through RUN_DIR/train.log (trainer/console.py); Ray's own log lines
+    stay in Ray's log folder unless ``verbose``."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.ray_cluster import FailureNotice
 
     cfg.run.out = str(Path(cfg.run.out).resolve())
     cfg.data.train, cfg.data.val = _absolute(cfg.data.train), _absolute(cfg.data.val)
@@ -129,29 +168,31 @@ def fit(cfg: Config) -> dict[str, Any]:
     check_run_dir(cfg, classes)
     run_dir = Path(cfg.run.out)
 
+    reason = choose_workers(cfg, verbose)
     local_mode = cfg.run.workers == 0
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if cfg.on_gpu() else {})}
     if local_mode:
-        logging.getLogger("ray.train").setLevel(logging.WARNING)   # it logs its mode and every report at INFO
+        # Ray Train's local mode logs its mode and every report at INFO
+        logging.getLogger("ray.train").setLevel(logging.INFO if verbose else logging.WARNING)
         if cfg.on_gpu() and not torch.cuda.is_available():
             raise ValueError(f"--workers 0 --gpus-per-worker {cfg.run.gpus_per_worker:g}: this machine has no "
                              f"CUDA GPU; use --gpus-per-worker 0")
     else:
-        from trainer.ray_cluster import init_ray, wait_for_placement
-        init_ray(cfg.run.workers, cfg.run.cpus_per_worker, cfg.run.gpus_per_worker)
+        from trainer.ray_cluster import wait_for_placement
         wait_for_placement(cfg.run.workers, resources, cfg.run.placement_timeout_s)
-    if int(os.environ.get("RANK", 0)) == 0:   # under torchrun, one process writes the run's files
+    rank0 = int(os.environ.get("RANK", 0)) == 0   # under torchrun, one process writes the run's files
+    if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)   # only now: a refused run leaves no RUN_DIR behind
         fileio.write_text(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "classes": classes}, indent=1))
         (run_dir / STOPPED).unlink(missing_ok=True)   # left by a run that stopped on a NaN; this one starts over
         where = ("local mode (this process" + (", one rank per torchrun process)" if "RANK" in os.environ else ")")
                  if local_mode else f"{cfg.run.workers} worker(s)")
-        print(f"[trainer] fit: {where} x {resources}, global batch {cfg.train.batch_size}, "
+        print(f"[trainer] fit: {reason}; {where} x {resources}, global batch {cfg.train.batch_size}, "
               f"preset {cfg.preset}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, {len(classes)} classes, "
               f"run dir {run_dir}", flush=True)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "classes": classes},
+        train_loop_config={"config": cfg.to_dict(), "classes": classes, "verbose": verbose},
         torch_config=TorchConfig(backend="nccl" if cfg.on_gpu() else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.on_gpu(),
                                                resources_per_worker=resources),
@@ -159,10 +200,14 @@ def fit(cfg: Config) -> dict[str, Any]:
             name=RAY_SUBDIR, storage_path=str(run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # Ray Train's INFO lines (resources, worker group, every report) go to Ray's log folder only
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            callbacks=[FailureNotice(str(run_dir), cfg.run.max_failures)]),   # one line per failed worker
     )
     try:
-        result = trainer.fit()
+        with Follow(run_dir) if rank0 else contextlib.nullcontext():
+            result = trainer.fit()
     except Exception as e:  # Ray Train raises the group's error; a worker's bad-input error becomes one line
         one_line = worker_error(e)
         if one_line is e:

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from trainer.console import duration
 from trainer.distributed import all_reduce_sum_
 from trainer.loop import EpochProgress, Hook, Step
 
@@ -68,22 +69,39 @@ class NonFinitePolicy(Hook):
 
 
 class ProgressLog(Hook):
-    """A line every ``every`` steps and at the epoch's last step: loss, learning rate, images/s (all ranks)."""
+    """A line every ``every`` steps and at the epoch's last step: loss, learning rate, images/s (all ranks) and
+    the run's ETA (training steps left at this epoch's rate; validation not counted). ``tick``, when given,
+    gets the same figures after every step (a progress bar's feed: trainer/console.py)."""
 
     def __init__(self, every: int, epochs: int, world: int, optimizer: torch.optim.Optimizer,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, tick: Callable[..., None] | None = None):
         self.every, self.epochs, self.world, self.optimizer, self.log = every, epochs, world, optimizer, log
-        self.window_start, self.window_images = time.perf_counter(), 0
+        self.tick, self.last_loss = tick, float("nan")
+        self.start_epoch()
 
     def start_epoch(self) -> None:
         self.window_start, self.window_images = time.perf_counter(), 0
+        self.epoch_start, self.epoch_steps = self.window_start, 0
+
+    def eta_s(self, at: Step, now: float) -> float:
+        left = (at.steps - at.step - 1) + (self.epochs - at.epoch - 1) * at.steps
+        return left * (now - self.epoch_start) / max(1, self.epoch_steps)
 
     def after_step(self, at: Step, loss: torch.Tensor, batch_size: int, progress: EpochProgress) -> None:
         self.window_images += batch_size * self.world
-        if (at.step + 1) % self.every and at.step + 1 != at.steps:
+        self.epoch_steps += 1
+        line_due = not (at.step + 1) % self.every or at.step + 1 == at.steps
+        if not line_due and self.tick is None:
             return
         now = time.perf_counter()
-        self.log(f"[trainer] epoch {at.epoch + 1}/{self.epochs} step {at.step + 1}/{at.steps} "
-                 f"loss {float(loss.detach()):.4f} lr {self.optimizer.param_groups[0]['lr']:.4g} "
-                 f"{self.window_images / (now - self.window_start):.1f} images/s")
-        self.window_start, self.window_images = now, 0
+        eta = self.eta_s(at, now)
+        if line_due:   # the loss is read (a host sync) only for a line, never for a tick
+            self.last_loss = float(loss.detach())
+            self.log(f"[trainer] epoch {at.epoch + 1}/{self.epochs} step {at.step + 1}/{at.steps} "
+                     f"loss {self.last_loss:.4f} lr {self.optimizer.param_groups[0]['lr']:.4g} "
+                     f"{self.window_images / (now - self.window_start):.1f} images/s ETA {duration(eta)}")
+            self.window_start, self.window_images = now, 0
+        if self.tick is not None:
+            rate = self.epoch_steps * batch_size * self.world / max(1e-9, now - self.epoch_start)
+            self.tick({"epoch": at.epoch, "epochs": self.epochs, "step": at.step + 1, "steps": at.steps,
+                       "loss": self.last_loss, "images_per_s": rate, "eta_s": eta}, force=at.step + 1 == at.steps)

@@ -64,13 +64,16 @@ def model_file(net: torch.nn.Module, cfg: Config, classes: list[str], record: di
 
 class Trainer:
     def __init__(self, cfg: Config, classes: list[str], place: Placement,
-                 publish: Callable[[dict, Path | None], None], registered_checkpoint: Any = None):
+                 publish: Callable[[dict, Path | None], None], registered_checkpoint: Any = None,
+                 log: Callable[[str], None] = say):
+        """``log`` takes rank 0's lines (stdout by default; fit gives a trainer.console.RunLog, whose ``tick``
+        also feeds the driver's progress bar)."""
         from pipeline import make_eval_loader, make_train_loader
 
         self.cfg, self.classes, self.place = cfg, list(classes), place
         self.rank, self.world, self.device = place.rank, place.world, place.devices[0]
         self.run_dir = Path(cfg.run.out)
-        self.log = say if self.rank == 0 else (lambda *a, **k: None)
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
 
         torch.manual_seed(cfg.train.seed)          # same initial weights on every rank (DDP also broadcasts)
         self.net, self.model = parallelize(build_model(cfg, len(classes)), cfg, place.devices, place.world)
@@ -98,7 +101,8 @@ class Trainer:
             self.run_dir / "ray", {"model": ckpt.ModelState(self.net), "optimizer": self.optimizer,
                                    "scheduler": self.scheduler},
             publish, registered=registered_checkpoint, log=self.log)
-        self.progress_log = ProgressLog(cfg.train.log_every, cfg.train.epochs, self.world, self.optimizer, self.log)
+        self.progress_log = ProgressLog(cfg.train.log_every, cfg.train.epochs, self.world, self.optimizer, self.log,
+                                        tick=getattr(self.log, "tick", None))
         self.hooks: list[Hook] = [FaultInjector(cfg.fault, self.run_dir, self.rank),
                                   NonFinitePolicy(cfg.train.skip_nonfinite, cfg.train.log_every,
                                                   cfg.train.checkpoint_every, self.log),

@@ -1,0 +1,127 @@
+"""Defaults and console of `python -m trainer fit`: "auto" workers and GPUs decided from the cluster's resources,
+rank 0's lines followed from RUN_DIR/train.log, and a real run whose output is the project's lines only."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import build_config
+from trainer.console import Follow, RunLog, duration, summary
+from trainer.ray_cluster import batch_split_error, decide_workers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the decision ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers, gpus, resources, parallel, want", [
+    ("auto", "auto", {"CPU": 2.0}, "data", (1, 0.0, "no GPU found: 1 CPU worker")),
+    ("auto", "auto", {"CPU": 64.0, "GPU": 4.0}, "data", (4, 1.0, "4 GPUs found: 4 workers x 1 GPU")),
+    ("auto", "auto", {"GPU": 3.0}, "model", (1, 2.0, "3 GPUs found: 1 worker x 2 GPUs, 1 GPU left idle")),
+    ("auto", "auto", {"GPU": 1.0}, "model",
+     (1, 0.0, "1 GPU found (--parallel model needs 2 per worker): 1 CPU worker")),
+    # explicit values win, whatever the cluster has
+    (2, 0, {"GPU": 8.0}, "data", (2, 0.0, "as set: 2 CPU workers")),
+    (3, 1, {"GPU": 8.0}, "data", (3, 1.0, "as set: 3 workers x 1 GPU")),
+    # one explicit, the other decided
+    (2, "auto", {"GPU": 8.0}, "data", (2, 1.0, "8 GPUs found: 2 workers x 1 GPU, 6 GPUs left idle")),
+    (2, "auto", {"GPU": 1.0}, "data", (2, 0.0, "1 GPU found (2 workers need 2): 2 CPU workers")),
+    ("auto", 2, {"GPU": 8.0}, "data", (4, 2.0, "8 GPUs found: 4 workers x 2 GPUs")),
+    # local mode stays local mode; its GPU is this machine's
+    (0, "auto", {"GPU": 2.0}, "data", (0, 1.0, "2 GPUs found: local mode x 1 GPU")),
+    (0, "auto", {}, "data", (0, 0.0, "no GPU found: local mode on the CPU")),
+])
+def test_decide_workers(workers, gpus, resources, parallel, want):
+    assert decide_workers(workers, gpus, resources, parallel=parallel) == want
+
+
+def test_a_batch_that_does_not_split_names_both_fixes():
+    message = batch_split_error(256, 3, "3 GPUs found: 3 workers x 1 GPU")
+    assert message == ("train.batch_size (256) is the global batch and must divide evenly by the 3 workers "
+                       "(3 GPUs found: 3 workers x 1 GPU); pass --batch-size 255 or --workers 2")
+
+
+def test_auto_is_the_default_and_explicit_values_from_a_file_are_kept(tmp_path):
+    cfg = build_config(need_data=False)
+    assert (cfg.run.workers, cfg.run.gpus_per_worker) == ("auto", "auto")
+    f = tmp_path / "run.yaml"
+    f.write_text("run: {workers: 2, gpus_per_worker: 0}\n")
+    cfg = build_config(config_file=str(f), need_data=False)
+    assert (cfg.run.workers, cfg.run.gpus_per_worker) == (2, 0.0)
+    assert build_config(config_file=str(f), flags={"run.workers": "auto"}, need_data=False).run.workers == "auto"
+    with pytest.raises(ValueError, match=r"^run\.workers must be an integer or 'auto', got 'many'$"):
+        build_config(sets=["run.workers=many"], need_data=False)
+
+
+# ---- the console --------------------------------------------------------------------------------
+
+def test_follow_prints_only_new_lines_and_a_bar_replaces_step_lines(tmp_path, monkeypatch):
+    log = RunLog(tmp_path)
+    log("[trainer] from an earlier command")
+    for bar, want in ((False, ["[trainer] epoch 1/2 step 5/10 loss 2.0 lr 0.1 10.0 images/s ETA 3s",
+                               "[trainer] epoch 1/2 train_loss 2.0 val top-1 50.00 %"]),
+                      (True, ["[trainer] epoch 1/2 train_loss 2.0 val top-1 50.00 %"])):
+        out = io.StringIO()
+        monkeypatch.setattr(sys, "stdout", out)
+        with Follow(tmp_path, bar=bar, poll_s=0.01):
+            log.tick({"epoch": 0, "epochs": 2, "step": 5, "steps": 10, "loss": 2.0, "images_per_s": 10.0,
+                      "eta_s": 3.0}, force=True)
+            log("[trainer] epoch 1/2 step 5/10 loss 2.0 lr 0.1 10.0 images/s ETA 3s")
+            log("[trainer] epoch 1/2 train_loss 2.0 val top-1 50.00 %")
+        monkeypatch.undo()
+        lines = [re.sub(r".*\r", "", line) for line in out.getvalue().splitlines()]   # a bar redraws with \r
+        assert [line for line in lines if line.startswith("[trainer]")] == want
+        assert ("epoch 1/2:" in out.getvalue()) == bar          # tqdm's "epoch 1/2:  50%|...", on a terminal only
+    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 5
+
+
+def test_duration():
+    assert [duration(s) for s in (4.4, 65, 7500)] == ["4s", "1m05s", "2h05m"]
+
+
+def test_summary_names_the_best_epoch_and_the_files(tmp_path):
+    records = [{"epoch": 0, "val_top1": 0.5, "val_top5": 0.9, "images_per_s": 100.0},
+               {"epoch": 1, "val_top1": 0.7, "val_top5": 0.95, "images_per_s": 120.0},
+               {"epoch": 2, "val_top1": 0.6, "val_top5": 0.97, "images_per_s": 110.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "best.pt").write_bytes(b"x")
+    lines = summary(tmp_path, 75.0, "/tmp/ray/session_x/logs")
+    assert lines[0] == ("[trainer] done in 1m15s: 3 epochs, best epoch 2: val top-1 70.00 %, top-5 95.00 %; "
+                        "training 110.0 images/s (mean over epochs)")
+    assert lines[1] == f"[trainer] files in {tmp_path}: best.pt, metrics.jsonl"
+    assert lines[2] == "[trainer] Ray's logs: /tmp/ray/session_x/logs (--verbose shows them here)"
+
+
+# ---- a real run ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_default_run_decides_from_the_cluster_and_prints_only_its_own_lines(digits_shards, ray_cluster, tmp_path):
+    """No --workers / --gpus-per-worker: the CPU-only cluster at RAY_ADDRESS gets 1 CPU worker. Stdout is a
+    file, so every line is the project's own: no Ray prefixes, colour codes or Ray Train INFO lines."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainer", "fit", "--train", str(digits_shards.train), "--val",
+           str(digits_shards.val), "--out", str(run), "--epochs", "1", "--batch-size", "32", "--width", "0.125",
+           "--set", "data.image_size=64", "--set", "data.num_threads=1", "--set", "train.max_steps_per_epoch=4",
+           "--set", "train.log_every=2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("[trainer] fit: no GPU found: 1 CPU worker; 1 worker(s) x {'CPU': 1}"), lines[0]
+    assert all(line.startswith("[trainer] ") for line in lines), out.stdout
+    assert "\x1b[" not in out.stdout + out.stderr
+    assert re.search(r"^\[trainer\] epoch 1/1 step 2/4 loss \S+ lr \S+ \S+ images/s ETA \d+s$", out.stdout, re.M)
+    assert re.search(r"^\[trainer\] done in \S+: 1 epochs, best epoch 1: val top-1 [\d.]+ %, top-5 [\d.]+ %; "
+                     r"training [\d.]+ images/s", out.stdout, re.M)
+    assert f"[trainer] files in {run}: best.pt, last.pt, metrics.jsonl, curves.png, tb, train.log" in lines
+    assert [json.loads(line)["workers"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    saved = json.loads((run / "config.json").read_text())["config"]["run"]
+    assert (saved["workers"], saved["gpus_per_worker"]) == (1, 0)                # what "auto" became
+    assert (run / "train.log").read_text().splitlines() == lines[1:-3]            # rank 0's lines, kept
