@@ -37,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from shards.fileio import write_text
+
 STEPS = ("data", "a", "b", "c", "d", "e", "f")
 WHAT = {
     "data": "photo shards built (python -m shards build)",
@@ -855,15 +857,9 @@ def report(out: Path, plan: Plan) -> str:
         details += [f"### {r['step']}: {r['what']}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         details += ["| " + " | ".join(_cell(d.get(k, "")) for k in keys) + " |" for d in r["details"]]
         details.append("")
-    write_atomic(out / "gpu_check.md", table + "\n" + "\n".join(details) + "\n")
-    write_atomic(out / "gpu_check.jsonl", "".join(json.dumps({**r, "env": env}) + "\n" for r in rows))
+    write_text(out / "gpu_check.md", table + "\n" + "\n".join(details) + "\n")
+    write_text(out / "gpu_check.jsonl", "".join(json.dumps({**r, "env": env}) + "\n" for r in rows))
     return table
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script
 import torch
 import torch.nn.functional as F
 
+from shards.fileio import write_text
 from trainer.model import AlexNet
 from trainer.parallel import split_two_devices
 
@@ -150,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ratio in timing["ratio_vs_single"].items():
         print(f"  {name:13s} {timing['median_step_ms'][name]:9.1f} ms/step   {ratio:5.2f} x single")
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
-        tmp.replace(args.json)
+        write_text(args.json, "".join(json.dumps(r) + "\n" for r in results))
     return 0 if all(r.get("ok", True) for r in results) else 1
 
 
