@@ -10,13 +10,14 @@ the workers are Ray actors, torchrun processes or this process (local mode).
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from shards import fileio
 
 TRAIN_LOG = "train.log"
 PROGRESS = "progress.json"
@@ -50,9 +51,7 @@ class RunLog:
         if not force and now - self.last_tick < self.tick_every_s:
             return
         self.last_tick = now
-        tmp = self.progress.with_name(f".{PROGRESS}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.progress)
+        fileio.write_text(self.progress, json.dumps(state))
 
 
 class Follow:
