@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from shards import fileio
 from trainer import checkpoint as ckpt
 from trainer.config import Config
 from trainer.distributed import all_reduce_sum, gather
@@ -178,7 +179,7 @@ class Trainer:
                        f"{cfg.peak_lr():g} peak) or --set train.skip_nonfinite=true to skip such steps")
             self.log(f"[trainer] {stopped}")
             if self.rank == 0:
-                (self.run_dir / STOPPED).write_text(stopped + "\n")
+                fileio.write_text(self.run_dir / STOPPED, stopped + "\n")
         finally:
             if metrics is not None:
                 metrics.close()
