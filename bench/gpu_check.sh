@@ -16,13 +16,13 @@
 #   a     35  DALI graph on the GPU: train paper / rrc, eval, ten-crop; GPU vs CPU eval pixels (goal <= 1 level)
 #   b     80  loader alone, batch 256: {256, full} shards x hw_decoder_load {0, 0.65, 1} x {4, 8, 16} threads
 #             (goal >= 25,000 images/s from the 256 shards)
-#   c    150  paper AlexNet, bf16 + channels_last, eager and torch.compile, batch 256 / 512 / 128:
+#   c    145  paper AlexNet, bf16 + channels_last, eager and torch.compile, batch 256 / 512 / 128:
 #             synthetic vs DALI-fed images/s (goal: DALI >= 90 % of synthetic at its best config)
-#   d    120  python -m trainer fit --workers 1 --gpus-per-worker 1 --preset modern (bf16, channels_last; compile
+#   d    115  python -m trainer fit --workers 1 --gpus-per-worker 1 --preset modern (bf16, channels_last; compile
 #             off: c measures it), 2 epochs x 20 steps of 256, val 512 each epoch; trainer eval on best.pt
 #   e     30  bench/split.py --device cuda: split == single, step times (two streams / one / single)
 #   f     10  peak GPU memory of c and d
-#             steps: 425 s (7.1 min) + data 45 s = 470 s at most
+#             steps: 415 s (6.9 min) + data 45 s = 460 s at most, plus ~10 s of import check and report
 #
 # Environment: PYTHON (default python3), GPU_CHECK_DATA (shards, kept for reruns; default
 # $TMPDIR/gpu_check_data/{gpu,dry}), GPU_CHECK_WORK (the fit's run directory), STEPS (default
@@ -43,17 +43,24 @@ FLAGS=(--out "$OUT")
 if ((DRY)); then   # a 2-core CPU: generous ceilings, the steps themselves are tiny
   declare -A BUDGET=([data]=60 [a]=45 [b]=45 [c]=120 [d]=150 [e]=45 [f]=20)
 else
-  declare -A BUDGET=([data]=45 [a]=35 [b]=80 [c]=150 [d]=120 [e]=30 [f]=10)
+  declare -A BUDGET=([data]=45 [a]=35 [b]=80 [c]=145 [d]=115 [e]=30 [f]=10)
 fi
 
 echo "== gpu_check $(date -u +%FT%TZ) on $(hostname): dry=$DRY out=$OUT python=$PY"
-if ((!DRY)); then
-  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_check: $PY sees no CUDA GPU; run 'bash bench/gpu_check.sh --dry OUTDIR' to check the script on a CPU" >&2
-    exit 2
-  fi
-fi
+((DRY)) || { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; }
+# What imports, said once up front: a missing package fails only the steps that need it, named here.
+DRY=$DRY "$PY" - <<'PY' || exit 2
+import importlib, os, sys
+for name in ("torch", "numpy", "PIL", "skimage", "sklearn", "yaml", "nvidia.dali", "webdataset", "ray",
+             "matplotlib", "tensorboard"):
+    try:
+        print(f"  {name} {getattr(importlib.import_module(name), '__version__', '')}")
+    except Exception as e:
+        print(f"  {name} MISSING ({type(e).__name__}: {e}): the steps that need it will fail")
+import torch
+if os.environ["DRY"] == "0" and not torch.cuda.is_available():
+    sys.exit(f"gpu_check: {sys.executable} sees no CUDA GPU; run 'bash bench/gpu_check.sh --dry OUTDIR' on a CPU")
+PY
 rm -f "$OUT"/steps/*.row.json
 
 run_step() {   # STEP: run it under its budget, then settle its row whatever happened
