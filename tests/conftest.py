@@ -1,6 +1,8 @@
-"""Shared pytest fixtures, each built once per test session."""
+"""Shared pytest fixtures: real shards and a local Ray cluster built once per session; commands run in process."""
 from __future__ import annotations
 
+import importlib
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,47 @@ def digits_shards(tmp_path_factory) -> DigitsShards:
     build(BuildConfig(str(root / "raw" / "val"), str(val), "val", classes=str(train / "classes.json"),
                       max_count=200, seed=0), progress=False)
     return DigitsShards(train=train, val=val, raw=root / "raw")
+
+
+# ---------------------------------------------------------------- commands in process
+
+MAINS = {"shards": "shards.__main__", "pipeline": "pipeline.__main__", "trainer": "trainer.cli"}
+
+
+@pytest.fixture
+def run_main(capfd):
+    """``python -m PACKAGE ARGS`` as ``main(ARGS)`` in this process: the imports are paid once per session
+    instead of once per call. Returns what subprocess.run would (file descriptors 1 and 2 captured)."""
+    def run(package: str, *args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        main = importlib.import_module(MAINS[package]).main
+        capfd.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as e:   # argparse's own refusals
+            code = e.code
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess([package, *argv], code, out, err)
+    return run
+
+
+# ---------------------------------------------------------------- Ray
+
+# Logical CPUs of the shared cluster: the most any module runs at once is four 2-worker fits (test_faults).
+RAY_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """One local Ray cluster for every module whose tests need actors, started on first use (Ray's start-up
+    costs seconds, paid once per session); yields its GCS address for subprocesses (RAY_ADDRESS). In-process
+    callers (trainer.ray_cluster.init_ray, evaluate) find Ray initialised and join it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
 
 
 # ---------------------------------------------------------------- Hypothesis profiles (fuzz tests)

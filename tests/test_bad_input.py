@@ -12,7 +12,6 @@ warning printed while the command's modules import would break the one-line prom
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -191,7 +190,7 @@ CASES = [
     Case("negative seed", [*FIT, "--train", "{train}", "--set", "train.seed=-1"],
          "error: train.seed must be an integer >= 0, got -1"),
     Case("more workers than the cluster can place", [*FIT, "--train", "{train}", "--workers", "{too_many}",
-                                                     "--batch-size", "32", "--set", "run.placement_timeout_s=1"],
+                                                     "--batch-size", "{batch}", "--set", "run.placement_timeout_s=1"],
          "error: the Ray cluster can place {ray_cpus} of {too_many} workers needing {{CPU: 1}} each "
          "(live nodes: {{CPU: {ray_cpus}}}) after "
          "waiting 1 s (run.placement_timeout_s); lower --workers or run.cpus_per_worker / --gpus-per-worker, "
@@ -221,28 +220,8 @@ CASES = [
 ]
 
 
-MAINS = {"shards": "shards.__main__", "pipeline": "pipeline.__main__", "trainer": "trainer.cli"}
-
-
-def run_fresh(argv: list[str]) -> tuple[int, str, str]:
-    out = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=300)
-    return out.returncode, out.stdout, out.stderr
-
-
-def run_in_process(argv: list[str], capfd) -> tuple[int, str, str]:
-    main = importlib.import_module(MAINS[argv[0]]).main
-    capfd.readouterr()
-    try:
-        code = main(argv[1:])
-    except SystemExit as e:   # argparse's own refusals
-        code = e.code
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(world, case, request, monkeypatch, capfd):
+def test_bad_input(world, case, request, monkeypatch, run_main):
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if case.ray:
@@ -250,11 +229,16 @@ def test_bad_input(world, case, request, monkeypatch, capfd):
 
         monkeypatch.setenv("RAY_ADDRESS", request.getfixturevalue("ray_cluster"))
         cpus = int(ray.cluster_resources()["CPU"])
-        world.facts.update(ray_cpus=cpus, too_many=cpus + 2)
+        world.facts.update(ray_cpus=cpus, too_many=cpus + 2, batch=4 * (cpus + 2))   # a batch the workers divide
     argv = [world.fmt(a) for a in case.argv]
     shutil.rmtree(world.tmp / "run", ignore_errors=True)   # each case starts without a RUN_DIR
-    code, stdout, stderr = run_fresh(argv) if case.fresh else run_in_process(argv, capfd)
-    assert code == 2, stderr[-3000:]
+    if case.fresh:
+        out = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             capture_output=True, text=True, timeout=300)
+    else:
+        out = run_main(*argv)
+    stdout, stderr = out.stdout, out.stderr
+    assert out.returncode == 2, stderr[-3000:]
     # Ray streams its workers' logs (a worker's traceback included) with a "(RayTrainWorker pid=...)" prefix;
     # the command's own output is the rest
     own = [line for line in stderr.splitlines() if not re.match(r"^(\x1b\[\d+m)?\(", line)]
