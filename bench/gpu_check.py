@@ -621,12 +621,31 @@ class GpuMemoryPeak:
                 "idle_gpu_used_gib": round(self.samples_mib[0] / 1024, 2)}
 
 
+_CHILDREN: set[int] = set()   # sessions started by run_command, killed with this process (see run_step)
+
+
+def kill_session(pid: int) -> None:
+    """SIGTERM to a child's whole session (a fit's Ray helpers too), SIGKILL to what is left 5 s later."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        for _ in range(50):
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
 def run_command(cmd: list[str], timeout: float) -> tuple[int, list[str]]:
     """Run ``cmd`` in its own session, echo its output, return (exit status, output lines); past ``timeout``
     the whole session is killed (Ray's helpers included) and the status is 124, as with timeout(1)."""
-    import signal
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    _CHILDREN.add(proc.pid)
     lines: list[str] = []
 
     def pump():
@@ -638,17 +657,11 @@ def run_command(cmd: list[str], timeout: float) -> tuple[int, list[str]]:
     try:
         rc = proc.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=5)
-                break
-            except subprocess.TimeoutExpired:
-                pass
+        kill_session(proc.pid)
+        proc.wait()
         rc = 124
+    kill_session(proc.pid)   # helpers the command left behind in its session
+    _CHILDREN.discard(proc.pid)
     reader.join(timeout=5)
     return rc, lines
 
@@ -684,7 +697,7 @@ def step_fit(ctx: Ctx):
         return
     t1 = time.perf_counter()
     rc, lines = run_command([sys.executable, "-m", "trainer", "eval", "--checkpoint", str(run / "best.pt"),
-                             "--data", str(ctx.data / "val")], ctx.left() - 3)
+                             "--data", str(ctx.data / "val")], ctx.left() - 6)
     result = next((json.loads(ln) for ln in reversed(lines) if ln.startswith("{") and '"top1"' in ln), {})
     yield {"command": "eval", "rc": rc, "seconds": round(time.perf_counter() - t1, 1), **result,
            "expected_n": load_manifest(ctx.data / "val")["num_samples"]}
@@ -710,7 +723,7 @@ def summary_fit(details: list[dict], plan: Plan) -> dict:
 def step_split(ctx: Ctx):
     results = ctx.out / "steps" / "e_split.jsonl"
     rc, _ = run_command([sys.executable, "bench/split.py", *ctx.plan.split_args, "--json", str(results)],
-                        ctx.left() - 2)
+                        ctx.left() - 6)
     yield {"command": "bench/split.py " + " ".join(ctx.plan.split_args), "rc": rc}
     yield from read_jsonl(results)
 
@@ -772,6 +785,13 @@ SUMMARIES = {"data": summary_data, "a": summary_graphs, "b": summary_loader, "c"
 
 def run_step(step: str, ctx: Ctx) -> int:
     """Append the step's detail records as they come; an exception becomes one more record and exit 1."""
+    import signal
+
+    def on_term(signum, frame):   # timeout(1) ends the step: end the sessions it started with it
+        for pid in list(_CHILDREN):
+            kill_session(pid)
+        sys.exit(124)
+    signal.signal(signal.SIGTERM, on_term)
     path = ctx.out / "steps" / f"{step}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
@@ -882,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.command} needs a step: one of {', '.join(STEPS)}")
     if args.command == "step":
         work.mkdir(parents=True, exist_ok=True)
-        ctx = Ctx(plan=plan, out=args.out, data=data, work=work, deadline=time.monotonic() + args.budget - 2)
+        ctx = Ctx(plan=plan, out=args.out, data=data, work=work, deadline=time.monotonic() + args.budget - 3)
         return run_step(args.step, ctx)
     if args.command == "settle":
         row = settle(args.step, args.out, plan, args.rc, args.seconds, args.budget)
