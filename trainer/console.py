@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import threading
 import time
@@ -125,7 +126,8 @@ class Follow:
             self._close_bar()
             self.bar_epoch = p["epoch"]
             self.bar = tqdm(total=p["steps"], initial=p["step"], desc=f"epoch {p['epoch'] + 1}/{p['epochs']}",
-                            unit="step", file=sys.stdout, leave=False, dynamic_ncols=True)
+                            unit="step", file=sys.stdout, leave=False,
+                            ncols=shutil.get_terminal_size((100, 20)).columns)   # a terminal of size 0: 100
         self.bar.n = p["step"]
         self.bar.set_postfix_str(f"loss {p['loss']:.4f}, {p['images_per_s']:.1f} images/s, "
                                  f"run ETA {duration(p['eta_s'])}", refresh=False)
