@@ -145,6 +145,18 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1][:200] if text else ''}"
 
 
+def cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 quota (a container on a big host)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
 def sync(device: str) -> None:
     import torch
     if device.startswith("cuda"):
@@ -213,7 +225,7 @@ def write_raw(plan: Plan, raw: Path) -> int:
             for start in range(0, per_class, chunk):
                 jobs.append((raw / split / wnid, c, seed0 + c * 1000 + start, start, min(chunk, per_class - start),
                              plan.shorter, plan.crop_sides))
-    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+    with multiprocessing.get_context("fork").Pool(cpus()) as pool:
         return sum(pool.imap_unordered(_write_photos, jobs))
 
 
@@ -239,7 +251,7 @@ def step_data(ctx: Ctx):
     t0 = time.perf_counter()
     images = write_raw(plan, data / "raw")
     yield {"raw_jpegs": images, "seconds": round(time.perf_counter() - t0, 1)}
-    workers = max(1, (os.cpu_count() or 2) // 2)
+    workers = max(1, cpus() // 2)
     t1 = time.perf_counter()
     full = shards_build(data / "raw" / "train", data / "train_full", "train", workers=workers,
                         max_count=plan.max_count)
@@ -322,8 +334,7 @@ def step_graphs(ctx: Ctx):
 
     plan = ctx.plan
     classes = len(load_classes(ctx.data / "train_full"))
-    base = loader_config(plan, ctx.data / "train_full", num_threads=min(4, os.cpu_count() or 1),
-                         num_workers=min(8, os.cpu_count() or 1))
+    base = loader_config(plan, ctx.data / "train_full", num_threads=min(4, cpus()), num_workers=min(8, cpus()))
     val = str(ctx.data / "val")
     graphs = [("train paper", dict(crop="paper")), ("train rrc", dict(crop="rrc")),
               ("eval", dict(shard_dir=val)), ("ten-crop", dict(shard_dir=val, ten_crop=True))]
@@ -834,7 +845,7 @@ def environment() -> dict:
     import importlib.metadata as md
     import platform
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
-           "cpus": os.cpu_count(), "python": platform.python_version()}
+           "cpus": cpus(), "python": platform.python_version()}
     for dist in md.distributions():
         name = (dist.metadata["Name"] or "").lower()
         if name in ("torch", "ray", "webdataset") or name.startswith("nvidia-dali"):

@@ -57,6 +57,11 @@ for name in ("torch", "numpy", "PIL", "skimage", "sklearn", "yaml", "nvidia.dali
         print(f"  {name} {getattr(importlib.import_module(name), '__version__', '')}")
     except Exception as e:
         print(f"  {name} MISSING ({type(e).__name__}: {e}): the steps that need it will fail")
+try:   # a local cluster started with its dashboard (trainer/ray_cluster.py) needs ray[default]'s packages
+    import ray.dashboard.optional_deps  # noqa: F401
+    print("  ray dashboard packages ok")
+except Exception as e:
+    print(f"  ray dashboard packages MISSING ({e}): step d fails if the trainer starts Ray with its dashboard")
 import torch
 if os.environ["DRY"] == "0" and not torch.cuda.is_available():
     sys.exit(f"gpu_check: {sys.executable} sees no CUDA GPU; run 'bash bench/gpu_check.sh --dry OUTDIR' on a CPU")
