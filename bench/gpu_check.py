@@ -561,6 +561,8 @@ def step_training(ctx: Ctx):
             yield record
         compiled_before = compiled_before or compiled
         net = model = optimizer = x = y = None   # freed before the next config's model is built
+        if compiled:
+            torch._dynamo.reset()                # its graphs hold on to the old model's tensors
         free_device(plan.device)
 
 
