@@ -8,7 +8,8 @@ parameters (crop windows, coin flips, lighting alphas) are always computed on th
 argument inputs from host memory, and they are a few floats per image.
 
 Epochs: a DALI reader shuffles inside a buffer and cannot be re-seeded, so each epoch builds a fresh
-pipeline. Its tar order is a permutation drawn from (seed, epoch), the same on every rank so the
+pipeline; a training loader builds the next epoch's in a background thread as soon as the current epoch's
+last batch is read, so the device is fed across the boundary. Its tar order is a permutation drawn from (seed, epoch), the same on every rank so the
 ranks' slices stay disjoint and change every epoch; its shuffle buffer and augmentation draws are
 seeded from (seed, rank, epoch).
 
@@ -20,6 +21,7 @@ pipeline from it: the resumed loader yields exactly the batches the uninterrupte
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import torch
@@ -27,7 +29,6 @@ import torch
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import Pipeline
-from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from shards.manifest import ShardError
 
@@ -36,23 +37,31 @@ from .config import (IMAGENET_MEAN_255, IMAGENET_STD_255, LIGHTING_STD, TEN_CROP
 from .loader import Loader, label_error
 from .shardset import ShardSet
 
-# NVIDIA's ImageNet settings for the nvJPEG decoder (DALI's ResNet-50 example): preallocate for the
-# largest ImageNet image (6430 x 5980) so no batch reallocates mid-epoch, and give the A100-class
-# hardware decoder 75 % of the images (github.com/NVIDIA/DALI/issues/5362). Unmeasured here: this machine has no GPU.
-GPU_DECODER_SETTINGS = dict(
-    device_memory_padding=211_025_920,
-    host_memory_padding=140_544_512,
-    preallocate_width_hint=5980,
-    preallocate_height_hint=6430,
-    hw_decoder_load=0.75,
-)
+# nvJPEG settings for GPU graphs. DALI's default memory paddings (16 MB device, 8 MB pinned host per
+# decoder thread) replace NVIDIA's full-ImageNet 200 MB / 134 MB: those are paid per thread and per epoch
+# (each epoch builds a new decoder) and nothing here has measured a gain from them. The preallocation hints
+# come from the split's own largest stored image (manifest.json's max_width / max_height), not ImageNet's
+# 5980 x 6430. The hardware decoder (A100-class) gets 75 % of the images (github.com/NVIDIA/DALI/issues/5362).
+# jpeg_fancy_upsampling: the mixed decoder upsamples chroma like libjpeg-turbo (the CPU decoder's and
+# Pillow's way), so GPU pixels meet the same tolerance against the reference loader as CPU pixels.
+GPU_DECODER_SETTINGS = dict(hw_decoder_load=0.75, jpeg_fancy_upsampling=True)
 
 
-def gpu_decoder_settings(cfg: LoaderConfig) -> dict:
-    """GPU_DECODER_SETTINGS with ``cfg.hw_decoder_load`` when it is set."""
-    if cfg.hw_decoder_load is None:
-        return GPU_DECODER_SETTINGS
-    return {**GPU_DECODER_SETTINGS, "hw_decoder_load": float(cfg.hw_decoder_load)}
+def gpu_decoder_settings(cfg: LoaderConfig, max_size: tuple[int, int] | None = None) -> dict:
+    """GPU_DECODER_SETTINGS with ``cfg.hw_decoder_load`` when it is set and, given the split's largest
+    stored ``(width, height)``, nvJPEG's preallocation sized for it."""
+    settings = dict(GPU_DECODER_SETTINGS)
+    if cfg.hw_decoder_load is not None:
+        settings["hw_decoder_load"] = float(cfg.hw_decoder_load)
+    if max_size is not None:
+        settings["preallocate_width_hint"], settings["preallocate_height_hint"] = max_size
+    return settings
+
+
+# EXIF orientation is ignored everywhere (decoders and peek_image_shape alike), as torchvision's PIL loader
+# and the reference loader do: copy-mode shards keep the tag, and a loader that rotated would crop and
+# show other pixels for the same sample.
+ORIENTATION = dict(adjust_orientation=False)
 
 
 _DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
@@ -66,14 +75,21 @@ def _paper_window(jpegs, frac: float):
     only that window (ROI decoding) skips the pixels the crop throws away.
     Returns (x0, y0, side, width, height) as float DataNodes, whole pixels.
     """
-    shape = fn.peek_image_shape(jpegs)                           # (H, W, C) before decoding
+    shape = fn.peek_image_shape(jpegs, **ORIENTATION)            # (H, W, C) before decoding
     h = fn.cast(shape[0], dtype=types.FLOAT)
     w = fn.cast(shape[1], dtype=types.FLOAT)
     s = dmath.min(h, w)
     side = dmath.max(dmath.floor(s * frac), 1.0)  # at least one pixel: a 1-pixel side floors to 0
-    x0 = dmath.floor((w - s) * 0.5 + fn.random.uniform(range=[0.0, 1.0]) * (s - side))
-    y0 = dmath.floor((h - s) * 0.5 + fn.random.uniform(range=[0.0, 1.0]) * (s - side))
-    return x0, y0, side, w, h
+    return _offset(w, s, side), _offset(h, s, side), side, w, h
+
+
+def _offset(length, s, side):
+    """floor((length - s) / 2) + k, k uniform over the s - side + 1 whole-pixel positions (33 for 224 of 256):
+    ``u * (s - side)`` with u in [0, 1) never draws the last one. The min guards u * n rounding up to n
+    in float32."""
+    slack = s - side
+    k = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (slack + 1.0)), slack)
+    return dmath.floor((length - s) * 0.5) + k
 
 
 def _lighting_mean(enabled: bool):
@@ -93,14 +109,14 @@ def _lighting_mean(enabled: bool):
 
 
 def _graph(cfg: LoaderConfig, paths: list[str], index_paths: list[str], *, train: bool, seed: int,
-           debug: bool, with_source: bool):
+           debug: bool, with_source: bool, max_size: tuple[int, int] | None = None):
     jpegs, cls = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=train, initial_fill=cfg.shuffle_buffer, seed=seed,
         shard_id=cfg.rank, num_shards=cfg.world_size, stick_to_shard=True, name="reader")
     gpu = cfg.device_id is not None
-    decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB,
-                  **(gpu_decoder_settings(cfg) if gpu else {}))
+    decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, **ORIENTATION,
+                  **(gpu_decoder_settings(cfg, max_size) if gpu else {}))
     norm = dict(std=list(IMAGENET_STD_255), dtype=_DALI_DTYPES[cfg.dtype],
                 output_layout="CHW" if cfg.layout == "NCHW" else "HWC")
     size = cfg.image_size
@@ -149,12 +165,14 @@ def build_pipeline(cfg: LoaderConfig, shardset: ShardSet, *, train: bool, epoch:
     """
     shards = shardset.ordered(derive_seed(cfg.seed, epoch) if train else None)
     seed = derive_seed(cfg.seed, cfg.rank, epoch)
+    # exec_dynamic (DALI's default, named here because to_torch relies on it): outputs are reference-counted
+    # buffers that later iterations do not overwrite
     pipe = Pipeline(batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=cfg.device_id,
                     seed=seed, prefetch_queue_depth=cfg.prefetch, enable_checkpointing=train,
-                    checkpoint=checkpoint)
+                    checkpoint=checkpoint, exec_dynamic=True)
     with pipe:
         pipe.set_outputs(*_graph(cfg, [s.tar for s in shards], [s.index for s in shards], train=train,
-                                 seed=seed, debug=debug, with_source=with_source))
+                                 seed=seed, debug=debug, with_source=with_source, max_size=shardset.max_size))
     try:
         pipe.build()
     except RuntimeError as e:
@@ -164,10 +182,24 @@ def build_pipeline(cfg: LoaderConfig, shardset: ShardSet, *, train: bool, epoch:
     return pipe
 
 
+# What makes a DALI error the data's fault: DALI's own words (after "encountered:") name a tar or an index
+# (reader errors, a decoder's "Failed to decode sample #3 : /d/x.tar:1536:key.jpg"), a sample, or
+# nvImageCodec rejects the bytes themselves (status 3 BAD_CODESTREAM, 4 CODESTREAM_UNSUPPORTED). Anything
+# else (a GPU out of memory, nvJPEG failing to start, a CUDA error) is raised as DALI said it.
+_DATA_PATH = re.compile(r"/[^\s\"']+?\.(?:tar|idx)\b")
+_DATA_WORDS = re.compile(r"\bsample\s*#?\d+|nvImageCodec failure: '#[34]'", re.IGNORECASE)
+
+
+def _dali_reason(text: str) -> str:
+    """The part of a DALI error after "encountered:": the graph traceback before it quotes our own source."""
+    head, sep, tail = text.partition("encountered:")
+    return tail if sep else text
+
+
 def _about_data(exc: Exception) -> bool:
-    """Whether a DALI error comes from reading or decoding the shards (not e.g. a missing GPU)."""
-    text = str(exc)
-    return any(op in text for op in ("readers.webdataset", "decoders.", "nvImageCodec", ".tar", ".idx"))
+    """Whether a DALI error is about the shards (see _DATA_PATH, _DATA_WORDS), not e.g. the GPU."""
+    reason = _dali_reason(str(exc))
+    return bool(_DATA_PATH.search(reason) or _DATA_WORDS.search(reason))
 
 
 def _shard_error(exc: Exception, shardset: ShardSet, suspects: list[str] = ()) -> ShardError:
@@ -188,12 +220,14 @@ def _shard_error(exc: Exception, shardset: ShardSet, suspects: list[str] = ()) -
 
 
 def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """Copy a dense DALI batch into a new torch tensor on ``device``."""
+    """A dense DALI batch as a torch tensor on ``device``, without a copy (DLPack), as DALI's own iterator
+    does under the dynamic executor: its outputs are reference-counted, so the tensor keeps the buffer
+    alive past the next ``run()`` and past the pipeline itself."""
     dense = tensor_list.as_tensor()
-    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    feed_ndarray(dense, out, cuda_stream=stream)
-    return out
+    if device.type == "cuda":
+        with torch.cuda.device(device):   # DLPack syncs DALI's stream with this device's current stream
+            return torch.from_dlpack(dense)
+    return torch.from_dlpack(dense)
 
 
 def parse_labels(cls_batch) -> torch.Tensor:
@@ -217,12 +251,38 @@ def finish_images(images: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:
     return images
 
 
+class _Ahead:
+    """The next epoch's pipeline, built (index parsing, decoder set-up) and started (shuffle buffer fill,
+    prefetch) in a background thread while the current epoch's last batch trains."""
+
+    def __init__(self, key: tuple, build):
+        self.key, self.pipe = key, None
+        self._thread = threading.Thread(target=self._run, args=(build,), name="dali-next-epoch", daemon=True)
+        self._thread.start()
+
+    def _run(self, build) -> None:
+        try:
+            pipe = build()
+            pipe.schedule_run()          # the first batches start on DALI's own threads
+            self.pipe = pipe
+        except Exception:                # the foreground build repeats it and reports the error
+            self.pipe = None
+
+    def take(self):
+        """The started pipeline, or None when building it failed."""
+        self._thread.join()
+        return self.pipe
+
+
 class _DaliLoader(Loader):
     """Each epoch builds a fresh DALI pipeline; ``state_dict()`` adds its checkpoint under ``"dali"``."""
 
+    build_ahead = False   # build the next epoch's pipeline while the last batch of this one trains
+
     def __init__(self, cfg: LoaderConfig):
         super().__init__(cfg)
-        self._pipe = None   # the live pipeline, while iterating
+        self._pipe = None    # the live pipeline, while iterating
+        self._ahead = None   # _Ahead for the next epoch, once this one's last batch is read
 
     def state_dict(self) -> dict:
         """Where the current epoch stands: ``{"epoch", "step", "dali"}`` (training loaders, mid-iteration)."""
@@ -230,20 +290,39 @@ class _DaliLoader(Loader):
             raise RuntimeError("state_dict() is taken while iterating a training loader")
         return {**super().state_dict(), "dali": self._pipe.checkpoint()}
 
+    def _build(self, epoch: int, checkpoint: bytes | None = None):
+        return build_pipeline(self.cfg, self.shardset, train=self.train, epoch=epoch,
+                              with_source=self.with_source, checkpoint=checkpoint)
+
+    def _start(self, resume: dict | None):
+        """This epoch's pipeline and whether its first batch is already scheduled: the one built ahead
+        when it is for this epoch (not a resume), else a new one."""
+        ahead, self._ahead = self._ahead, None
+        pipe = ahead.take() if ahead is not None else None
+        if pipe is not None and resume is None and ahead.key == (self.epoch, self.with_source):
+            return pipe, True
+        del pipe
+        return self._build(self.epoch, resume["dali"] if resume else None), False
+
     def _batches(self):
         resume = self._take_resume()
         start = resume["step"] if resume else 0
-        pipe = build_pipeline(self.cfg, self.shardset, train=self.train, epoch=self.epoch,
-                              with_source=self.with_source, checkpoint=resume["dali"] if resume else None)
+        pipe, scheduled = self._start(resume)
         self._pipe = pipe
         try:
             for step in range(start, self.steps):
                 try:
-                    images, cls, *source = pipe.run()
+                    if not scheduled:    # run() is schedule_run() + outputs(); DALI refuses mixing the two
+                        pipe.schedule_run()
+                    scheduled = False
+                    images, cls, *source = pipe.outputs()
                 except RuntimeError as e:
                     if not _about_data(e):
                         raise
                     raise _shard_error(e, self.shardset, self._suspects(step)) from None
+                if step == self.steps - 1 and self.build_ahead:
+                    epoch = self.epoch + 1
+                    self._ahead = _Ahead((epoch, self.with_source), lambda: self._build(epoch))
                 labels = parse_labels(cls)
                 if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.shardset.classes):
                     raise self._label_error(labels, step)
@@ -273,8 +352,10 @@ class _DaliLoader(Loader):
 
 
 class DaliTrainLoader(_DaliLoader):
-    """``len(loader)`` full batches of ``(images, labels)`` per epoch, identical on every rank."""
+    """``len(loader)`` full batches of ``(images, labels)`` per epoch, identical on every rank; epoch
+    ``e + 1``'s pipeline is built while ``e``'s last batch trains (``build_ahead``)."""
     train = True
+    build_ahead = True
 
     def __iter__(self):
         return self._batches()

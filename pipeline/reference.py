@@ -113,6 +113,8 @@ def rebatch(batches: Iterable[tuple], size: int) -> Iterator[tuple]:
 # --- one image ----------------------------------------------------------------------------------
 
 def decode(sample: dict, shardset: ShardSet) -> tuple[Image.Image, int]:
+    """The sample's RGB image, its EXIF orientation tag ignored (Pillow does not apply it; nor does the
+    DALI graph), and its label."""
     where = shardset.shard_of(sample.get("__url__", "?"))
     for need in ("jpg", "cls"):
         if need not in sample:
@@ -135,9 +137,13 @@ def paper_window(width: int, height: int, frac: float, ux: float, uy: float) -> 
     floor(s * frac) at a uniform position inside the central s x s square, s = the shorter side."""
     s = min(width, height)
     side = max(1, math.floor(s * frac))  # at least one pixel, as in the DALI graph
-    x0 = math.floor((width - s) * 0.5 + ux * (s - side))
-    y0 = math.floor((height - s) * 0.5 + uy * (s - side))
-    return x0, y0, side
+    return crop_offset(width, s, side, ux), crop_offset(height, s, side, uy), side
+
+
+def crop_offset(length: int, s: int, side: int, u: float) -> int:
+    """floor((length - s) / 2) + k with k uniform over all s - side + 1 whole-pixel positions for u in [0, 1)
+    (33 for 224 of 256; ``u * (s - side)`` never reaches the last one)."""
+    return (length - s) // 2 + min(math.floor(u * (s - side + 1)), s - side)
 
 
 def rrc_window(width: int, height: int, rng: random.Random, area=(0.08, 1.0),

@@ -15,6 +15,7 @@ from pathlib import Path
 from shards.manifest import ShardError, load_classes, load_manifest
 
 REQUIRED_COMPONENTS = ("jpg", "cls")
+MAX_SIDE = 1 << 16  # JPEG's limit on a side
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,18 @@ def _parse_index(path: Path, tar: Path, expected: int, tar_bytes: int) -> None:
 @dataclass(frozen=True)
 class ShardSet:
     """A validated shard directory: its tars in stored order, their counts and the class names."""
+def _max_size(manifest: dict, root: Path, fix: str) -> tuple[int, int] | None:
+    """manifest.json's ``max_width`` / ``max_height`` (GPU decoders preallocate for them); manifests written
+    before the fields existed have neither."""
+    if "max_width" not in manifest and "max_height" not in manifest:
+        return None
+    size = (manifest.get("max_width"), manifest.get("max_height"))
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_SIDE for x in size):
+        raise ShardError(f"{root / 'manifest.json'}: max_width / max_height {size} are not both whole pixel "
+                         f"counts in 1..{MAX_SIDE}; {fix}")
+    return size
+
+
 
     root: str
     split: str
@@ -91,6 +104,7 @@ class ShardSet:
 
     @property
     def num_samples(self) -> int:
+    max_size: tuple[int, int] | None = None  # the largest stored (width, height); None: an older manifest
         return sum(s.count for s in self.shards)
 
     @classmethod
@@ -108,7 +122,7 @@ class ShardSet:
                 raise ShardError(f"{tar}: {what} ({size} bytes, manifest.json says {entry['bytes']}); {fix}")
             _parse_index(index, tar, entry["count"], size)
             shards.append(Shard(str(tar), str(index), int(entry["count"])))
-        return cls(str(root), manifest["split"], tuple(shards), classes)
+        return cls(str(root), manifest["split"], tuple(shards), classes, _max_size(manifest, root, fix))
 
     def ordered(self, seed: int | None) -> list[Shard]:
         return [self.shards[i] for i in shard_order(len(self.shards), seed)]

@@ -170,14 +170,16 @@ class ShardSink:
         self.file: _HashingFile | None = None
         self.count = 0
         self.tar_bytes = 0
+        self.max_size = [0, 0]   # the open shard's largest stored width and height
         self.rejected: list[dict] = []
 
     def _open(self) -> None:
         self.file = _HashingFile(self.out / shard_name(self.cfg.split, self.number, "tar"))
         self.writer = ShardWriter(self.file)
         self.count = self.tar_bytes = 0
+        self.max_size = [0, 0]
 
-    def add(self, position: int, key: str, members: list[tuple[str, bytes]]) -> None:
+    def add(self, position: int, key: str, members: list[tuple[str, bytes]], image: tuple[int, int]) -> None:
         size = sample_tar_bytes(members)
         if self.writer is not None and (self.count >= self.cfg.max_count or
                                         tar_file_size(self.tar_bytes + size) > self.cfg.max_size):
@@ -185,6 +187,7 @@ class ShardSink:
         if self.writer is None:
             self._open()
         self.writer.write(key, members)
+        self.max_size = [max(self.max_size[0], image[0]), max(self.max_size[1], image[1])]
         self.count += 1
         self.tar_bytes += size
 
@@ -206,7 +209,8 @@ class ShardSink:
         write_bytes(self.out / idx_name, index_text.encode())
         self.file.commit()
         record = {"name": tar_name, "index": idx_name, "count": self.count, "bytes": self.file.bytes,
-                  "sha256": self.file.sha.hexdigest(), "next": next_position, "rejected": self.rejected}
+                  "sha256": self.file.sha.hexdigest(), "max_width": self.max_size[0], "max_height": self.max_size[1],
+                  "next": next_position, "rejected": self.rejected}
         self.records.append(record)
         with open(self.partial / "progress.jsonl", "a") as f:  # the commit point of this shard
             f.write(json.dumps(record) + "\n")
@@ -403,6 +407,14 @@ def class_table(cfg: BuildConfig, source_labels: list[str], items: list[Item]) -
     return [{"index": i, "name": n, "description": d} for i, (n, d) in enumerate(zip(names, describe(names, synsets)))]
 
 
+def largest_image(records: list[dict]) -> dict:
+    """manifest.json's ``max_width`` / ``max_height``: the largest stored sides (GPU decoders preallocate for
+    them). Omitted when a resumed build kept shards recorded before the fields existed."""
+    if not all("max_width" in r for r in records):
+        return {}
+    return {"max_width": max(r["max_width"] for r in records), "max_height": max(r["max_height"] for r in records)}
+
+
 def build(cfg: BuildConfig, progress: bool = True) -> dict:
     """Run the whole build; return the manifest. One build at a time writes an OUT (``OUT/.lock``)."""
     with hold_out_dir(Path(cfg.out)):
@@ -452,7 +464,7 @@ def _build(cfg: BuildConfig, progress: bool) -> dict:
             elif item.label:
                 jpg, width, height = result
                 key = f"{cfg.split}_{position:08d}"
-                sink.add(position, key, sample_members(item, index_of[item.label], jpg, width, height))
+                sink.add(position, key, sample_members(item, index_of[item.label], jpg, width, height), (width, height))
             bar.update(1)
         sink.finish(next_position=len(items))
     except KeyboardInterrupt:
@@ -486,6 +498,7 @@ def _build(cfg: BuildConfig, progress: bool) -> dict:
         "shards": shards,
         "rejected": len(rejected),
         "args": args,
+        **largest_image(records),
     }
     write_bytes(out / "classes.json", (json.dumps({"classes": classes}, indent=1) + "\n").encode())
     write_bytes(out / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected).encode())

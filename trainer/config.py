@@ -20,7 +20,7 @@ be finite (NaN and inf are refused) and within these bounds:
 =============================  ====================================================================
 data.image_size                integer 63..1024 (63: the smallest input AlexNet's layers accept)
 data.resize_shorter            0 (= image_size * 256 / 224) or image_size..2048
-data.num_threads               integer 1..256
+data.num_threads               integer 0..256 (0 = auto: run.cpus_per_worker on GPU workers, 2 on the CPU)
 model.width                    (0, 8]
 model.dropout                  [0, 1)
 optim.lr                       (0, 10]
@@ -43,7 +43,7 @@ train.log_every                integer >= 1
 train.checkpoint_every         integer >= 0 (0 = at epoch ends only)
 run.workers                    integer 0..4096 (0 = local mode, in this process)
 run.gpus_per_worker            [0, 16]; 0 or 2 with run.parallel=model
-run.cpus_per_worker            (0, 1024]
+run.cpus_per_worker            (0, 1024] or auto (8 for a GPU worker, at most its share of the cluster; 1 on the CPU)
 run.max_failures               integer >= -1 (-1 = retry forever)
 run.placement_timeout_s        (0, 604800] (a week)
 fault.*_at_step                integer >= 0 (0 = off)
@@ -109,7 +109,7 @@ class DataConfig:
     flip: bool = True
     image_size: int = 224
     resize_shorter: int = 0         # 0: image_size * 256 / 224, the paper's 256 for 224
-    num_threads: int = 2            # DALI CPU threads / DataLoader workers per rank
+    num_threads: int = 0            # DALI CPU threads / DataLoader workers per rank; 0 = auto (Config.loader_threads)
 
     def shorter_side(self) -> int:
         return self.resize_shorter or round(self.image_size * 256 / 224)
@@ -124,7 +124,7 @@ class DataConfig:
         c.integer("resize_shorter", 0, 2048, " (0 = image_size * 256 / 224)")
         if self.resize_shorter and self.resize_shorter < self.image_size:
             c.fail("resize_shorter", f"must be 0 or >= data.image_size ({self.image_size})")
-        c.integer("num_threads", 1, 256)
+        c.integer("num_threads", 0, 256)
 
 
 @dataclass(kw_only=True)
@@ -222,7 +222,8 @@ class RunConfig:
     # "auto" (trainer/fit.py decide_workers): one worker per GPU of the cluster, one GPU each; no GPU: 1 CPU worker
     workers: int | Literal["auto"] = "auto"
     gpus_per_worker: float | Literal["auto"] = "auto"   # 0: CPU workers (gloo); >0: GPU workers (NCCL)
-    cpus_per_worker: float = 1
+    # "auto" (trainer/ray_cluster.py decide_cpus): GPU_WORKER_CPUS for a GPU worker, 1 for a CPU worker
+    cpus_per_worker: float | Literal["auto"] = "auto"
     parallel: Literal["data", "model"] = "data"
     max_failures: int = 2           # Ray Train restarts the group from the last checkpoint this often
     save_rank_states: bool = False  # every rank writes RUN_DIR/rank_states/rank<r>.pt each epoch (DDP check)
@@ -234,7 +235,8 @@ class RunConfig:
             c.integer("workers", 0, 4096, " (0 = local mode, in this process)")
         if self.gpus_per_worker != "auto":
             c.number("gpus_per_worker", 0, 16)
-        c.number("cpus_per_worker", 0, 1024, low_open=True)
+        if self.cpus_per_worker != "auto":
+            c.number("cpus_per_worker", 0, 1024, low_open=True)
         c.choice("parallel")
         if self.parallel == "model" and self.gpus_per_worker not in (0, 2, "auto"):
             raise ValueError(f"--parallel model needs two devices per worker: --gpus-per-worker 2 "
@@ -258,6 +260,9 @@ class FaultConfig:
             c.integer(name, 0, note=" (0 = off)")
         c.integer("rank", 0)
 
+
+# CPUs (and so DALI decoder threads) a GPU worker gets when run.cpus_per_worker is "auto"
+GPU_WORKER_CPUS = 8
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
             "train": TrainConfig, "run": RunConfig, "fault": FaultConfig}
@@ -293,7 +298,17 @@ class Config:
                             device=str(device), seed=self.train.seed, crop=d.crop, lighting=d.lighting,
                             flip=d.flip, image_size=d.image_size, resize_shorter=d.shorter_side(),
                             layout="NHWC" if self.use_channels_last() else "NCHW", dtype="float32",
-                            num_threads=d.num_threads, num_workers=d.num_threads, ten_crop=ten_crop)
+                            num_threads=self.loader_threads(), num_workers=self.loader_threads(), ten_crop=ten_crop)
+
+    def loader_threads(self) -> int:
+        """``data.num_threads``; 0 (auto) gives a GPU worker the CPUs Ray gives it (nvJPEG runs the Huffman stage of
+        every image the hardware decoder does not take on these threads) and a CPU worker 2."""
+        if self.data.num_threads:
+            return self.data.num_threads
+        if not self.on_gpu():
+            return 2
+        cpus = self.run.cpus_per_worker
+        return GPU_WORKER_CPUS if cpus == "auto" else max(1, int(cpus))
 
     def on_gpu(self) -> bool:
         # "auto" is decided by fit (trainer/fit.py decide_workers) before any worker reads this

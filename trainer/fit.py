@@ -126,22 +126,23 @@ def data_classes(cfg: Config) -> list[str]:
 def choose_workers(cfg: Config, verbose: bool = False) -> str:
     """Resolve ``"auto"`` workers / GPUs per worker (trainer/ray_cluster.py ``decide_workers``) in ``cfg``;
     join or start the Ray cluster they run on. Returns the reason for the start line."""
-    from trainer.ray_cluster import (batch_split_error, decide_workers, init_ray, joins_existing_cluster,
-                                     local_resources)
+    from trainer.ray_cluster import (batch_split_error, decide_cpus, decide_workers, init_ray,
+                                     joins_existing_cluster, local_resources)
 
     r = cfg.run
     auto = "auto" in (r.workers, r.gpus_per_worker)
-    if not auto:
+    if not auto and r.cpus_per_worker != "auto":
         resources = {}
     elif r.workers == 0 or not joins_existing_cluster():
         resources = local_resources()   # local mode, or the local cluster init_ray starts below
     else:
         import ray
 
-        init_ray(1, r.cpus_per_worker, 0, verbose=verbose)   # joins RAY_ADDRESS: count *its* GPUs
+        init_ray(1, 1, 0, verbose=verbose)   # joins RAY_ADDRESS: count *its* GPUs and CPUs
         resources = ray.cluster_resources()
     r.workers, r.gpus_per_worker, reason = decide_workers(r.workers, r.gpus_per_worker, resources,
                                                           parallel=r.parallel)
+    r.cpus_per_worker = decide_cpus(r.cpus_per_worker, r.gpus_per_worker, r.workers, resources.get("CPU", 0))
     if auto and r.workers and cfg.train.batch_size % r.workers:
         raise ValueError(batch_split_error(cfg.train.batch_size, r.workers, reason))
     cfg.validate(need_data=False)   # what "auto" became, checked like explicit values

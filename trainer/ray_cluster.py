@@ -47,6 +47,19 @@ def decide_workers(workers: int | str, gpus_per_worker: float | str, cluster_res
     return workers, g, f"{found}: {what}" + (f", {idle} GPU{_s(idle)} left idle" if idle > 0 else "")
 
 
+def decide_cpus(cpus_per_worker: float | str, gpus_per_worker: float, workers: int, cluster_cpus: float) -> float:
+    """Resolve ``"auto"`` in ``run.cpus_per_worker``: a GPU worker gets ``GPU_WORKER_CPUS`` (its DALI decoder
+    threads, trainer/config.py ``loader_threads``), at most its share of the cluster's CPUs; a CPU worker 1."""
+    from trainer.config import GPU_WORKER_CPUS
+
+    if cpus_per_worker != "auto":
+        return float(cpus_per_worker)
+    if not gpus_per_worker:
+        return 1.0
+    share = int(cluster_cpus // max(1, workers)) if cluster_cpus else GPU_WORKER_CPUS
+    return float(max(1, min(GPU_WORKER_CPUS, share)))
+
+
 def _s(n: float) -> str:
     return "" if n == 1 else "s"
 
