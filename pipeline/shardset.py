@@ -81,9 +81,6 @@ def _parse_index(path: Path, tar: Path, expected: int, tar_bytes: int) -> None:
             raise ShardError(f"{tar}: truncated ({tar_bytes} bytes, sample {i} ends at {max(ends)}); {fix}")
 
 
-@dataclass(frozen=True)
-class ShardSet:
-    """A validated shard directory: its tars in stored order, their counts and the class names."""
 def _max_size(manifest: dict, root: Path, fix: str) -> tuple[int, int] | None:
     """manifest.json's ``max_width`` / ``max_height`` (GPU decoders preallocate for them); manifests written
     before the fields existed have neither."""
@@ -96,15 +93,18 @@ def _max_size(manifest: dict, root: Path, fix: str) -> tuple[int, int] | None:
     return size
 
 
+@dataclass(frozen=True)
+class ShardSet:
+    """A validated shard directory: its tars in stored order, their counts and the class names."""
 
     root: str
     split: str
     shards: tuple[Shard, ...]
     classes: tuple[str, ...]
+    max_size: tuple[int, int] | None = None  # the largest stored (width, height); None: an older manifest
 
     @property
     def num_samples(self) -> int:
-    max_size: tuple[int, int] | None = None  # the largest stored (width, height); None: an older manifest
         return sum(s.count for s in self.shards)
 
     @classmethod
