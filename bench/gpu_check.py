@@ -923,7 +923,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['figure']}", flush=True)
         return 0
     print(report(args.out, plan), flush=True)
-    return 0
+    rows = read_jsonl(args.out / "gpu_check.jsonl")
+    return 0 if rows and all(r["pass"] for r in rows) else 1
 
 
 if __name__ == "__main__":

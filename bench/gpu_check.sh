@@ -7,7 +7,8 @@
 #                                           # 2 cores); checks the script, not the speed
 #
 # Writes OUTDIR/gpu_check.md (one table row per step: what, figure, goal, pass/fail; then each step's details),
-# OUTDIR/gpu_check.jsonl (one line per step), OUTDIR/logs/<step>.log, and prints the table at the end.
+# OUTDIR/gpu_check.jsonl (one line per step), OUTDIR/logs/<step>.log, and prints the table at the end;
+# exits 0 when every step passed, 1 otherwise.
 # Each step runs in its own process under its own timeout; one that fails or times out keeps what it measured
 # and costs the others nothing. Budgets in seconds (GPU run; the data build comes first and is reused if
 # GPU_CHECK_DATA already holds it):
@@ -66,7 +67,7 @@ import torch
 if os.environ["DRY"] == "0" and not torch.cuda.is_available():
     sys.exit(f"gpu_check: {sys.executable} sees no CUDA GPU; run 'bash bench/gpu_check.sh --dry OUTDIR' on a CPU")
 PY
-rm -f "$OUT"/steps/*.row.json
+for step in ${STEPS:-data a b c d e f}; do rm -f "$OUT/steps/$step.row.json"; done   # other steps' rows stay
 
 run_step() {   # STEP: run it under its budget, then settle its row whatever happened
   local step=$1 var="BUDGET_${1^^}" budget start rc
@@ -85,5 +86,7 @@ for step in ${STEPS:-data a b c d e f}; do
 done
 echo
 "$PY" bench/gpu_check.py report "${FLAGS[@]}"
+status=$?   # 0 only when every step passed
 echo
 echo "wrote $OUT/gpu_check.md and $OUT/gpu_check.jsonl"
+exit $status
