@@ -114,7 +114,7 @@ def test_a_default_run_decides_from_the_cluster_and_prints_only_its_own_lines(di
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("[trainer] fit: no GPU found: 1 CPU worker; 1 worker(s) x {'CPU': 1}"), lines[0]
+    assert lines[0].startswith("[trainer] fit: no GPU found: 1 CPU worker; 1 worker(s) x 1 CPU, "), lines[0]
     assert all(line.startswith("[trainer] ") for line in lines), out.stdout
     assert "\x1b[" not in out.stdout + out.stderr
     assert re.search(r"^\[trainer\] epoch 1/1 step 2/4 loss \S+ lr \S+ \S+ images/s ETA \d+s$", out.stdout, re.M)

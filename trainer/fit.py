@@ -188,7 +188,8 @@ def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
         (run_dir / STOPPED).unlink(missing_ok=True)   # left by a run that stopped on a NaN; this one starts over
         where = ("local mode (this process" + (", one rank per torchrun process)" if "RANK" in os.environ else ")")
                  if local_mode else f"{cfg.run.workers} worker(s)")
-        print(f"[trainer] fit: {reason}; {where} x {resources}, global batch {cfg.train.batch_size}, "
+        each = " + ".join(f"{v:g} {k}" for k, v in resources.items())
+        print(f"[trainer] fit: {reason}; {where} x {each}, global batch {cfg.train.batch_size}, "
               f"preset {cfg.preset}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, {len(classes)} classes, "
               f"run dir {run_dir}", flush=True)
     trainer = TorchTrainer(
