@@ -51,21 +51,24 @@ echo "== gpu_check $(date -u +%FT%TZ) on $(hostname): dry=$DRY out=$OUT python=$
 ((DRY)) || { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; }
 # What imports, said once up front: a missing package fails only the steps that need it, named here.
 DRY=$DRY "$PY" - <<'PY' || exit 2
-import importlib, os, sys
-for name in ("torch", "numpy", "PIL", "skimage", "sklearn", "yaml", "nvidia.dali", "webdataset", "ray",
-             "matplotlib", "tensorboard"):
+import importlib.util, os, sys
+def have(name):   # found without importing it: the check costs no seconds
     try:
-        print(f"  {name} {getattr(importlib.import_module(name), '__version__', '')}")
-    except Exception as e:
-        print(f"  {name} MISSING ({type(e).__name__}: {e}): the steps that need it will fail")
-try:   # a local cluster started with its dashboard (trainer/ray_cluster.py) needs ray[default]'s packages
-    import ray.dashboard.optional_deps  # noqa: F401
-    print("  ray dashboard packages ok")
-except Exception as e:
-    print(f"  ray dashboard packages MISSING ({e}): step d fails if the trainer starts Ray with its dashboard")
-import torch
-if os.environ["DRY"] == "0" and not torch.cuda.is_available():
-    sys.exit(f"gpu_check: {sys.executable} sees no CUDA GPU; run 'bash bench/gpu_check.sh --dry OUTDIR' on a CPU")
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+missing = [m for m in ("torch", "numpy", "PIL", "skimage", "sklearn", "yaml", "tqdm", "nvidia.dali", "webdataset",
+                       "ray", "ray.train", "matplotlib", "tensorboard") if not have(m)]
+print("  packages: " + (f"MISSING {', '.join(missing)}: the steps that need them will fail" if missing else "all found"))
+# a local Ray cluster started with its dashboard (trainer/ray_cluster.py) needs ray[default]'s packages
+dash = [m for m in ("aiohttp", "aiohttp_cors", "grpc", "opencensus", "opentelemetry", "prometheus_client", "pydantic")
+        if not have(m)]
+if dash:
+    print(f"  Ray dashboard packages MISSING ({', '.join(dash)}): step d fails if the trainer starts Ray with its dashboard")
+if os.environ["DRY"] == "0":
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit(f"gpu_check: {sys.executable} sees no CUDA GPU; run 'bash bench/gpu_check.sh --dry OUTDIR' on a CPU")
 PY
 for step in ${STEPS:-data a b c d e f}; do rm -f "$OUT/steps/$step.row.json"; done   # other steps' rows stay
 
