@@ -41,6 +41,12 @@ def preview(args) -> None:
     import torch
     from PIL import Image, ImageDraw
 
+    out = Path(args.out)
+    try:  # before any decoding: a bad --out fails in a second
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder {e.filename} ({e.strerror}); "
+                         f"choose a writable path") from None
     n = args.rows * args.cols
     cfg = _config(args, batch_size=n)
     names = _class_names(args.shards)
@@ -58,10 +64,11 @@ def preview(args) -> None:
         x, y = 4 + c * (size + 4), 4 + r * (size + caption + 4)
         grid.paste(Image.fromarray(np.ascontiguousarray(pixels[i])), (x, y))
         draw.text((x + 2, y + size + 2), f"{int(labels[i])} {names[int(labels[i])]}"[:36], fill="black")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as f:
-        grid.save(f, format="PNG")
+    try:
+        with atomic_write(out) as f:
+            grid.save(f, format="PNG")
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write it ({e.strerror}); choose a writable path") from None
     print(f"{out}: {n} augmented training samples ({cfg.crop} crop, lighting "
           f"{'on' if cfg.use_lighting else 'off'}, flip {'on' if cfg.flip else 'off'}) via the {args.loader} loader")
 

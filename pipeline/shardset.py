@@ -63,13 +63,16 @@ def _parse_index(path: Path, tar: Path, expected: int, tar_bytes: int) -> None:
     except (OSError, UnicodeDecodeError) as e:
         raise ShardError(f"{tar}: cannot read its index {path.name} ({e}); {fix}") from None
     head = lines[0].split() if lines else []
-    if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
+    if len(head) != 2 or not head[0].startswith("v1.") or not (head[1].isascii() and head[1].isdigit()):
         raise ShardError(f"{tar}: index {path.name} has no 'v1.x N' header; {fix}")
     step = 4 if head[0] >= "v1.2" else 3
     if int(head[1]) != expected or len(lines) - 1 != expected:
         raise ShardError(f"{tar}: index lists {len(lines) - 1} samples, manifest.json says {expected}; {fix}")
     for i, line in enumerate(lines[1:]):
         fields = line.split()
+        numbers = fields[1::step] + fields[2::step]
+        if not fields or len(fields) % step or not all(f.isascii() and f.isdigit() for f in numbers):
+            raise ShardError(f"{tar}: index {path.name} line {i + 2} is not 'ext offset size name' groups; {fix}")
         exts = fields[0::step]
         for need in REQUIRED_COMPONENTS:
             if need not in exts:

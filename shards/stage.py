@@ -13,6 +13,10 @@ local directory.
   DEST and renamed, so DEST never holds a half-copied shard under its real name.
 - Every file the manifest names is looked up in one listing of SRC before anything is copied: a missing
   shard fails at once with a one-line error naming it, and nothing is written.
+- DEST must be missing, empty, or an earlier stage of the same SRC (the same ``manifest.json`` and
+  ``classes.json``, possibly interrupted): a directory holding another shard directory's metadata or files
+  a stage does not write is refused, never overwritten. A full disk stops with one line; the rerun keeps
+  the shards already copied.
 
 Object storage goes through fsspec; ``s3://`` needs ``pip install s3fs`` and ``gs://`` ``pip install gcsfs``
 (the cluster setup commands install them).
@@ -20,6 +24,7 @@ Object storage goes through fsspec; ``s3://`` needs ``pip install s3fs`` and ``g
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 import sys
@@ -30,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .fileio import atomic_write, remove_stale_temps, sha256_file, write_bytes
+from .fileio import PART, atomic_write, remove_stale_temps, sha256_file, write_bytes
 from .manifest import ShardError, load_manifest, read_classes_file
 
 CHUNK = 8 << 20  # bytes per read: large enough for object storage, small enough to hash as we go
@@ -97,9 +102,11 @@ def _read_metadata(fs, root: str, src: str, scratch: Path) -> tuple[dict, dict[s
     """The source's manifest (checked with ``shards.manifest``) and a ``{file name: size}`` listing."""
     fix = "SRC must be a shard directory written by `python -m shards build`"
     try:
-        listing = {Path(info["name"]).name: info.get("size") for info in fs.ls(root, detail=True)}
+        infos = fs.ls(root, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         raise ShardError(f"{src}: shard directory not found; {fix}") from None
+    listing = {Path(info["name"]).name: info.get("size") for info in infos}
+    folders = {Path(info["name"]).name for info in infos if info.get("type") == "directory"}
     for name in ("manifest.json", "classes.json"):
         if name not in listing:
             raise ShardError(f"{src.rstrip('/')}/{name}: not found; {fix}")
@@ -109,7 +116,38 @@ def _read_metadata(fs, root: str, src: str, scratch: Path) -> tuple[dict, dict[s
         read_classes_file(scratch / "classes.json")
     except ShardError as e:  # name the source, not the scratch copy
         raise ShardError(str(e).replace(str(scratch), src.rstrip("/"))) from None
+    for entry in manifest["shards"]:
+        for name in (entry["name"], entry["index"]):
+            if name in folders:
+                raise ShardError(f"{src.rstrip('/')}/{name}: listed in manifest.json as a file but is a directory; "
+                                 f"re-upload the split (or rebuild it with `python -m shards build`)")
     return manifest, listing
+
+
+def _check_dest(dest: Path, scratch: Path, shards: list[dict]) -> None:
+    """DEST is missing, empty, or an earlier (maybe interrupted) stage of this same source: a stage never
+    overwrites another shard directory's manifest or classes, nor files it would not have written."""
+    fix = "stage into an empty directory (or delete DEST if it is an old copy you no longer need)"
+    if dest.exists() and not dest.is_dir():
+        raise ShardError(f"{dest}: is a file, not a directory; DEST must be a directory (created if missing)")
+    if not dest.is_dir():
+        return
+    for name in ("manifest.json", "classes.json"):
+        here, ours = dest / name, scratch / name
+        if here.exists() and not (here.is_file() and here.stat().st_size == ours.stat().st_size
+                                  and here.read_bytes() == ours.read_bytes()):
+            raise ShardError(f"{here}: DEST holds a different shard directory (its {name} is not SRC's); {fix}")
+    written = {e["name"] for e in shards} | {e["index"] for e in shards} | {
+        "manifest.json", "classes.json", "rejected.jsonl"}
+    others = sorted(p.name for p in dest.iterdir()
+                    if p.name not in written and not (p.name.startswith(".") and PART in p.name))
+    if others:
+        raise ShardError(f"{dest}: holds {len(others)} file(s) a stage of this split does not write (e.g. "
+                         f"{others[0][:80]!r}); {fix}")
+
+
+def _no_room(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def stage(src: str, dest: str | os.PathLike, *, workers: int = 4, progress: bool = True) -> StageReport:
@@ -132,53 +170,66 @@ def stage(src: str, dest: str | os.PathLike, *, workers: int = 4, progress: bool
                 if name not in listing:
                     raise ShardError(f"{src.rstrip('/')}/{name}: listed in manifest.json but missing from the "
                                      f"source; re-upload the split (or rebuild it with `python -m shards build`)")
-        dest.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(dest)
-        old = dest / "manifest.json"
-        if old.is_file() and old.read_bytes() != (scratch / "manifest.json").read_bytes():
-            old.unlink()  # DEST held another version: it is incomplete until the new manifest lands
-
-        todo, replaced = [], set()
-        for entry in shards:
-            local = dest / entry["name"]
-            if local.is_file():
-                if local.stat().st_size == entry["bytes"] and sha256_file(local) == entry["sha256"]:
-                    report.skipped += 1
-                    continue
-                replaced.add(entry["name"])
-            todo.append(entry)
-        # index files carry no hash in the manifest: fetch one when missing or its size differs
-        # (and always with its shard, so a re-uploaded pair stays a pair)
-        todo_names = {e["name"] for e in todo}
-        index_todo = [e["index"] for e in shards
-                      if e["name"] in todo_names or not (dest / e["index"]).is_file()
-                      or (listing[e["index"]] is not None
-                          and (dest / e["index"]).stat().st_size != listing[e["index"]])]
-
-        total = sum(e["bytes"] for e in todo)
-        print(f"stage: {src} -> {dest}: {len(shards)} shards, {len(todo)} to copy "
-              f"({total / 1e6:.1f} MB), {report.skipped} already valid", file=sys.stderr, flush=True)
-        base = root.rstrip("/")
-        with tqdm(total=total, unit="B", unit_scale=True, desc="stage", disable=not progress or not todo,
-                  file=sys.stderr) as bar:
-            def copy_shard(entry: dict) -> int:
-                return _fetch(fs, f"{base}/{entry['name']}", dest, entry["name"], entry["sha256"], src, bar)
-
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for n in pool.map(copy_shard, todo):
-                    report.bytes_copied += n
-                for name in index_todo:
-                    _fetch(fs, f"{base}/{name}", dest, name, None, src, None)
-        report.copied = len(todo)
-        report.replaced = len(replaced)
-
-        if "rejected.jsonl" in listing:
-            _fetch(fs, f"{base}/rejected.jsonl", dest, "rejected.jsonl", None, src, None)
-        # classes.json, then manifest.json last: a DEST with a manifest is a complete shard directory
-        for name in ("classes.json", "manifest.json"):
-            write_bytes(dest / name, (scratch / name).read_bytes())
+        _check_dest(dest, scratch, shards)
+        try:
+            _copy(fs, root, src, dest, scratch, manifest, listing, workers, progress, report)
+        except OSError as e:  # DEST's side: the source's are ShardErrors by now
+            if _no_room(e):
+                raise ShardError(f"{dest}: no space left on the device ({e.strerror}); free some (or choose another "
+                                 f"DEST) and rerun: the shards already copied are kept and checked, not "
+                                 f"copied again") from None
+            raise ShardError(f"{dest}: cannot write {e.filename or 'there'} ({e.strerror}); choose a writable "
+                             f"local DEST") from None
     load_manifest(dest)  # every listed file is now in place
     return report
+
+
+def _copy(fs, root: str, src: str, dest: Path, scratch: Path, manifest: dict, listing: dict[str, int],
+          workers: int, progress: bool, report: StageReport) -> None:
+    """Copy what DEST lacks (or holds wrong), then classes.json and, last, manifest.json."""
+    shards = manifest["shards"]
+    dest.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest)
+
+    todo, replaced = [], set()
+    for entry in shards:
+        local = dest / entry["name"]
+        if local.is_file():
+            if local.stat().st_size == entry["bytes"] and sha256_file(local) == entry["sha256"]:
+                report.skipped += 1
+                continue
+            replaced.add(entry["name"])
+        todo.append(entry)
+    # index files carry no hash in the manifest: fetch one when missing or its size differs
+    # (and always with its shard, so a re-uploaded pair stays a pair)
+    todo_names = {e["name"] for e in todo}
+    index_todo = [e["index"] for e in shards
+                  if e["name"] in todo_names or not (dest / e["index"]).is_file()
+                  or (listing[e["index"]] is not None
+                      and (dest / e["index"]).stat().st_size != listing[e["index"]])]
+
+    total = sum(e["bytes"] for e in todo)
+    print(f"stage: {src} -> {dest}: {len(shards)} shards, {len(todo)} to copy "
+          f"({total / 1e6:.1f} MB), {report.skipped} already valid", file=sys.stderr, flush=True)
+    base = root.rstrip("/")
+    with tqdm(total=total, unit="B", unit_scale=True, desc="stage", disable=not progress or not todo,
+              file=sys.stderr) as bar:
+        def copy_shard(entry: dict) -> int:
+            return _fetch(fs, f"{base}/{entry['name']}", dest, entry["name"], entry["sha256"], src, bar)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for n in pool.map(copy_shard, todo):
+                report.bytes_copied += n
+            for name in index_todo:
+                _fetch(fs, f"{base}/{name}", dest, name, None, src, None)
+    report.copied = len(todo)
+    report.replaced = len(replaced)
+
+    if "rejected.jsonl" in listing:
+        _fetch(fs, f"{base}/rejected.jsonl", dest, "rejected.jsonl", None, src, None)
+    # classes.json, then manifest.json last: a DEST with a manifest is a complete shard directory
+    for name in ("classes.json", "manifest.json"):
+        write_bytes(dest / name, (scratch / name).read_bytes())
 
 
 def source_classes(src: str) -> list[str]:

@@ -30,7 +30,7 @@ def check_shard(shard_dir: Path, entry: dict, num_classes: int) -> tuple[list[st
     """Problems found in one shard (empty when it is sound) and the keys it holds."""
     tar_path, idx_path = shard_dir / entry["name"], shard_dir / entry["index"]
     if not tar_path.is_file():
-        return [f"{entry['name']}: missing"], []
+        return [f"{entry['name']}: {'a directory, not a file' if tar_path.is_dir() else 'missing'}"], []
     problems, keys = [], []
     size = tar_path.stat().st_size
     if size != entry["bytes"]:
@@ -43,6 +43,9 @@ def check_shard(shard_dir: Path, entry: dict, num_classes: int) -> tuple[list[st
         with tarfile.open(tar_path, mode="r:") as tar:
             for member in tar:
                 if member.isreg():
+                    if member.offset_data + member.size > size:  # never trust a header's size: read what is there
+                        return problems + [f"{entry['name']}: member {member.name[:80]!r} declares {member.size} "
+                                           f"bytes, past the end of the {size}-byte tar"], []
                     key, ext = split_name(member.name)
                     samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -64,6 +67,8 @@ def check_shard(shard_dir: Path, entry: dict, num_classes: int) -> tuple[list[st
             problems.append(f"{where}: label {cls} outside 0..{num_classes - 1}")
         try:
             meta = json.loads(parts["json"])
+            if not isinstance(meta, dict):
+                raise ValueError(f"json is a {type(meta).__name__}, not an object")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 img = Image.open(io.BytesIO(parts["jpg"]))
@@ -80,10 +85,19 @@ def check_shard(shard_dir: Path, entry: dict, num_classes: int) -> tuple[list[st
             problems.append(f"{where}: image is {img.size[0]}x{img.size[1]}, under the {MIN_SIDE}-pixel minimum "
                             f"side that build keeps (the loaders' crops need room)")
     if not idx_path.is_file():
-        problems.append(f"{entry['index']}: missing")
-    elif idx_path.read_text() != index_of_tar(tar_path):
+        problems.append(f"{entry['index']}: {'a directory, not a file' if idx_path.is_dir() else 'missing'}")
+    elif not _same_text(idx_path, index_of_tar(tar_path)):
         problems.append(f"{entry['index']}: does not match {entry['name']} (regenerate: rebuild the split)")
     return problems, keys
+
+
+def _same_text(path: Path, text: str) -> bool:
+    """Whether the file holds exactly ``text``; sizes first, so a huge or binary file is never read whole."""
+    data = text.encode()
+    if path.stat().st_size != len(data):
+        return False
+    with open(path, "rb") as f:
+        return f.read() == data
 
 
 def _check(args):
@@ -99,8 +113,8 @@ def verify(shard_dir: str | Path, workers: int = 1, progress: bool = True) -> li
     if classes != manifest["classes"]:
         problems.append("classes.json: class names differ from manifest.json's")
     listed = {e["name"] for e in manifest["shards"]} | {e["index"] for e in manifest["shards"]}
-    for p in sorted(shard_dir.glob(f"{manifest['split']}-*")):
-        if p.name not in listed:
+    for p in sorted(shard_dir.iterdir()):  # not glob: a split name is data, not a pattern
+        if p.name.startswith(f"{manifest['split']}-") and p.name not in listed:
             problems.append(f"{p.name}: not listed in manifest.json")
     jobs = [(shard_dir, e, manifest["num_classes"]) for e in manifest["shards"]]
     seen: dict[str, str] = {}

@@ -180,3 +180,103 @@ def test_trainer_config_takes_a_url_source_only_with_stage_to(tmp_path):
         build_config(None, None, flags, [])
     cfg = build_config(None, None, {**flags, "data.stage_to": str(tmp_path / "node")}, [])
     assert cfg.data.stage_to == str(tmp_path / "node")
+
+
+# ---------------------------------------------------------------- DEST that is not ours, a full disk
+
+def stage_main(capsys, *argv) -> tuple[int, list[str]]:
+    """``python -m shards stage ...`` in this process: exit code and stderr lines (progress lines dropped)."""
+    from shards.__main__ import main
+
+    code = main(["stage", *map(str, argv), "--quiet"])
+    return code, [line for line in capsys.readouterr().err.splitlines() if not line.startswith("stage: ")]
+
+
+def test_stage_refuses_a_dest_that_is_a_file(remote, tmp_path, capsys):
+    dest = tmp_path / "notes.txt"
+    dest.write_text("mine")
+    code, err = stage_main(capsys, remote, dest)
+    assert (code, err) == (2, [f"error: {dest}: is a file, not a directory; DEST must be a directory (created if "
+                                f"missing)"])
+    assert dest.read_text() == "mine"
+    code, err = stage_main(capsys, remote, dest / "train")   # a path under a file
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {dest / 'train'}: cannot write "), err
+
+
+@pytest.mark.parametrize("theirs", ["manifest.json", "classes.json", "notes.txt"])
+def test_stage_refuses_a_dest_holding_another_shard_directory(remote, digits_shards, tmp_path, capsys, theirs):
+    dest = tmp_path / "someones"
+    dest.mkdir()
+    if theirs == "notes.txt":
+        (dest / theirs).write_text("not a shard")
+        expected = (f"error: {dest}: holds 1 file(s) a stage of this split does not write (e.g. 'notes.txt'); stage "
+                    f"into an empty directory (or delete DEST if it is an old copy you no longer need)")
+    else:
+        shutil.copy(digits_shards.val / theirs, dest / theirs)   # the val split's metadata
+        if theirs == "classes.json":  # same class names, other bytes: still not SRC's file
+            (dest / theirs).write_text((dest / theirs).read_text() + "\n")
+        expected = (f"error: {dest / theirs}: DEST holds a different shard directory (its {theirs} is not SRC's); "
+                    f"stage into an empty directory (or delete DEST if it is an old copy you no longer need)")
+    before = files_of(dest)
+    code, err = stage_main(capsys, remote, dest)
+    assert (code, err) == (2, [expected])
+    assert files_of(dest) == before   # nothing overwritten, nothing added
+
+
+def test_stage_into_an_earlier_interrupted_stage_of_the_same_source_resumes(remote, tmp_path, capsys):
+    dest = tmp_path / "local"
+    stage(str(remote), dest, progress=False)
+    (dest / "manifest.json").unlink()               # killed before the manifest landed
+    (dest / "train-000001.tar").unlink()
+    code, err = stage_main(capsys, remote, dest)
+    assert (code, err) == (0, [])
+    assert files_of(dest) == files_of(remote)
+
+
+def test_a_manifest_shard_that_is_a_directory_in_the_source_is_one_line(remote, tmp_path, capsys):
+    (remote / "train-000002.tar").unlink()
+    (remote / "train-000002.tar").mkdir()
+    code, err = stage_main(capsys, remote, tmp_path / "local")
+    assert (code, err) == (2, [f"error: {remote}/train-000002.tar: listed in manifest.json as a file but is a "
+                                f"directory; re-upload the split (or rebuild it with `python -m shards build`)"])
+    assert not (tmp_path / "local").exists()
+
+
+STAGE_ON_SMALL_DISK = """
+set -u
+mount -t tmpfs -o size=3m tmpfs "$DISK" || exit 97
+python -m shards stage "$SRC" "$DISK/train" --quiet --workers 1 >"$OUT/first.out" 2>"$OUT/first.err"
+echo $? >"$OUT/first.rc"
+ls -a "$DISK/train" >"$OUT/after_first.ls"
+mount -o remount,size=64m "$DISK"
+python -m shards stage "$SRC" "$DISK/train" --quiet --workers 1 >"$OUT/second.out" 2>"$OUT/second.err"
+echo $? >"$OUT/second.rc"
+cp -r "$DISK/train" "$OUT/staged"
+"""
+
+
+def test_stage_on_a_full_disk_fails_in_one_line_and_the_rerun_resumes(remote, tmp_path):
+    """A real full disk: a 3 MB tmpfs (in a user+mount namespace, so no root is needed) under a 6.6 MB split."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount a small tmpfs")
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir(), out.mkdir()
+    env = {**os.environ, "DISK": str(disk), "SRC": str(remote), "OUT": str(out),
+           "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["unshare", "-Urm", "sh", "-c", STAGE_ON_SMALL_DISK], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 or not (out / "second.rc").exists():
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {r.stderr.strip()[:200]}")
+    n = len(json.loads((remote / "manifest.json").read_text())["shards"])
+    assert (out / "first.rc").read_text().strip() == "2"
+    assert [line for line in (out / "first.err").read_text().splitlines() if not line.startswith("stage: ")] == [
+        f"error: {disk}/train: no space left on the device (No space left on device); free some (or choose "
+        f"another DEST) and rerun: the shards already copied are kept and checked, not copied again"]
+    left = (out / "after_first.ls").read_text().split()
+    assert "manifest.json" not in left and not [p for p in left if ".part-" in p]   # nothing half-written
+    kept = [p for p in left if p.endswith(".tar")]
+    assert 1 <= len(kept) < n
+    assert (out / "second.rc").read_text().strip() == "0", (out / "second.err").read_text()
+    assert f"{n - len(kept)} copied" in (out / "second.out").read_text()
+    assert f"{len(kept)} already present and valid" in (out / "second.out").read_text()
+    assert files_of(out / "staged") == files_of(remote)

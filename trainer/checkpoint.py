@@ -252,8 +252,8 @@ def model_meta(obj: dict[str, Any], path: str | os.PathLike = "checkpoint") -> d
 # --------------------------------------------------------------------------- untrusted model files
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
-MAX_WIDTH = 16.0          # AlexNet(width=16) is ~16 GB of fc weights: past it a file is not a model we trained
-MAX_IMAGE_SIZE = 1024     # the paper's 224 and this project's 64 are far below; bounds predict's resize
+# the bounds trainer/config.py puts on model.width, data.image_size and data.resize_shorter
+MAX_WIDTH, MAX_IMAGE_SIZE, MAX_RESIZE_SHORTER = 8.0, 1024, 2048
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 FIX = "use a file written by `python -m trainer fit`"
 # pickle opcodes that import or call something (or hand an object to the loader) when unpickled
@@ -408,8 +408,11 @@ def architecture(state: Any, path: str | os.PathLike) -> dict[str, Any]:
     num_classes = int(state["fc8.weight"].shape[0])
     c5, fc6_in = widths["conv5"], int(state["fc6.weight"].shape[1])
     side = math.isqrt(fc6_in // c5) if c5 > 0 and fc6_in % c5 == 0 else 0
-    for key, shape in alexnet_shapes(widths, max(side, 1), num_classes).items():
-        if tuple(state[key].shape) != shape or side < 1 or side * side * c5 != fc6_in:
+    if side < 1 or side * side * c5 != fc6_in:
+        raise ValueError(f"{path}: model entry fc6.weight has {fc6_in} inputs, not conv5's {c5} maps times a "
+                         f"square map size; {FIX}")
+    for key, shape in alexnet_shapes(widths, side, num_classes).items():
+        if tuple(state[key].shape) != shape:
             raise ValueError(f"{path}: model entry {key} has shape {tuple(state[key].shape)}, expected {shape} "
                              f"for an AlexNet with the layer widths {list(widths.values())}; {FIX}")
     return {"widths": widths, "side": side, "num_classes": num_classes}
@@ -433,9 +436,9 @@ def check_meta(meta: dict[str, Any], arch: dict[str, Any], path: str | os.PathLi
     if feature_map_size(size) != arch["side"]:
         raise ValueError(f"{path}: meta image_size {size} gives {feature_map_size(size)}x{feature_map_size(size)} "
                          f"maps into fc6, the weights are for {arch['side']}x{arch['side']}; {FIX}")
-    if not (_is_int(shorter) and size <= shorter <= 4 * size):
-        raise ValueError(f"{path}: meta resize_shorter {shorter!r} is not an integer in {size}..{4 * size} "
-                         f"(image_size..4 x image_size); {FIX}")
+    if not (_is_int(shorter) and size <= shorter <= MAX_RESIZE_SHORTER):
+        raise ValueError(f"{path}: meta resize_shorter {shorter!r} is not an integer in {size}..{MAX_RESIZE_SHORTER} "
+                         f"(image_size..{MAX_RESIZE_SHORTER}); {FIX}")
     dropout = meta.get("dropout", 0.5)
     if not (_is_number(dropout) and 0 <= dropout < 1):
         raise ValueError(f"{path}: meta dropout {dropout!r} is not a number in [0, 1); {FIX}")
