@@ -467,9 +467,13 @@ def parse_set(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=0.02")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        if not sep or not key.strip() or not key.isprintable():   # a newline in a key would split the error
+            raise ValueError(f"--set {item[:80]!r}: expected key=value, e.g. --set optim.lr=0.02")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except (yaml.YAMLError, ValueError) as e:  # a control character, an unclosed bracket, a 5000-digit int
+            raise ValueError(f"--set {key.strip()}: value {value[:40]!r} is not a YAML scalar or list "
+                             f"({str(e).splitlines()[0]}); quote it or fix it") from None
     return out
 
 
