@@ -97,3 +97,24 @@ def test_loader_config_hw_decoder_load():
     for bad in (1.5, -0.1, True, "0.5"):
         with pytest.raises(ValueError, match="LoaderConfig.hw_decoder_load"):
             LoaderConfig(shard_dir="shards/train", hw_decoder_load=bad)
+
+
+@pytest.mark.parametrize("crop,train,ten_crop", [("paper", True, False), ("rrc", True, False),
+                                                 ("paper", False, False), ("paper", False, True)])
+def test_gpu_graphs_pass_dalis_operator_checks_without_a_gpu(digits_shards, crop, train, ten_crop):
+    """DALI checks every operator's arguments when the graph is defined, before any GPU is touched: the GPU
+    decoder settings (hw_decoder_load, paddings, preallocation hints) must be valid for each decoder used."""
+    from nvidia.dali.pipeline import Pipeline
+
+    from pipeline.dali_loader import _graph
+    from pipeline.shardset import ShardSet
+
+    cfg = LoaderConfig(shard_dir=str(digits_shards.train), device="cuda:0", batch_size=4, image_size=64,
+                       resize_shorter=73, crop=crop, ten_crop=ten_crop, hw_decoder_load=0.65)
+    shards = ShardSet.open(cfg.shard_dir).shards
+    pipe = Pipeline(batch_size=4, num_threads=1, device_id=0)
+    with pipe:
+        images, labels = _graph(cfg, [s.tar for s in shards], [s.index for s in shards], train=train, seed=1,
+                                debug=False, with_source=False)
+        pipe.set_outputs(images, labels)
+    assert (images.device, labels.device) == ("gpu", "cpu")
