@@ -1,6 +1,6 @@
 """The trainer for real: Ray Train with two CPU workers (gloo DDP) on the digits shards, then eval and predict.
 
-One local Ray cluster serves the whole module; the `fit` commands run as subprocesses that join it through
+The session's local Ray cluster serves the module; the `fit` commands run as subprocesses that join it through
 RAY_ADDRESS (the path a user takes on a real cluster). Two runs start side by side to share start-up time:
 run A trains 3 epochs straight; run B trains 2 epochs, with a worker SIGKILLed in the middle of its second
 epoch (Ray Train restarts the group from the first epoch's checkpoint), then the same command with --epochs 3
@@ -29,12 +29,8 @@ SMALL = ["--workers", "2", "--batch-size", "32", "--width", "0.25", "--loader", 
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def ray_address(ray_cluster):
+    return ray_cluster
 
 
 def trainer_cmd(*args: str) -> list[str]:
@@ -137,20 +133,18 @@ def test_eval_counts_every_val_image_once_for_1_2_3_workers(runs, digits_shards,
     assert ten["n"] == n and ten["top1"] > 0.5
 
 
-def test_eval_cli_prints_one_json_line(runs, digits_shards):
-    out = subprocess.run(trainer_cmd("eval", "--checkpoint", str(runs["a"] / "best.pt"), "--data",
-                                     str(digits_shards.val)), cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_eval_cli_prints_one_json_line(runs, digits_shards, run_main):
+    out = run_main("trainer", "eval", "--checkpoint", runs["a"] / "best.pt", "--data", digits_shards.val)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result) == {"top1", "top5", "n"} and result["n"] == load_manifest(digits_shards.val)["num_samples"]
 
 
-def test_bad_inputs_exit_nonzero_with_one_line(tmp_path, digits_shards):
-    out = subprocess.run(trainer_cmd("eval", "--checkpoint", str(tmp_path / "none.pt"), "--data",
-                                     str(digits_shards.val)), cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_bad_inputs_exit_nonzero_with_one_line(tmp_path, digits_shards, run_main):
+    # in process; tests/test_bad_input.py also runs each command in a fresh interpreter
+    out = run_main("trainer", "eval", "--checkpoint", tmp_path / "none.pt", "--data", digits_shards.val)
     assert out.returncode == 2 and "none.pt" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    out = subprocess.run(trainer_cmd("fit", "--train", str(digits_shards.train), "--val", str(digits_shards.val),
-                                     "--out", str(tmp_path / "r"), "--set", "optim.momentun=0.9"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_main("trainer", "fit", "--train", digits_shards.train, "--val", digits_shards.val,
+                   "--out", tmp_path / "r", "--set", "optim.momentun=0.9")
     assert out.returncode == 2 and "optim.momentun" in out.stderr
     assert not (tmp_path / "r").exists()
