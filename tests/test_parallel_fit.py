@@ -3,7 +3,7 @@ two CPU devices (model parallel inside a worker, gloo DDP across workers), on th
 
 The same command with `--parallel data` is the baseline: with the same seed and dropout 0 (the two forms draw
 different dropout masks) the loss curve and the final weights agree to float tolerance. Both runs start side
-by side on one local Ray cluster to share its start-up time."""
+by side on the session's local Ray cluster."""
 from __future__ import annotations
 
 import os
@@ -31,27 +31,21 @@ def fit_cmd(*args: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(digits_shards, tmp_path_factory):
-    import ray
-
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    try:
-        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
-        root = tmp_path_factory.mktemp("parallel_fit")
-        data = ["--train", str(digits_shards.train), "--val", str(digits_shards.val)]
-        procs = {}
-        for mode in ("data", "model"):
-            args = [*data, "--out", str(root / mode), *COMMON, "--parallel", mode, "--gpus-per-worker", "0"]
-            procs[mode] = subprocess.Popen(fit_cmd(*args), cwd=ROOT, env=env, stdout=open(root / f"{mode}.log", "w"),
-                                           stderr=subprocess.STDOUT)
-        logs = {}
-        for mode, proc in procs.items():
-            proc.wait(timeout=900)
-            logs[mode] = (root / f"{mode}.log").read_text()
-            assert proc.returncode == 0, logs[mode][-3000:]
-        yield {"data": root / "data", "model": root / "model", "logs": logs}
-    finally:
-        ray.shutdown()
+def runs(digits_shards, ray_cluster, tmp_path_factory):
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(ROOT)}
+    root = tmp_path_factory.mktemp("parallel_fit")
+    data = ["--train", str(digits_shards.train), "--val", str(digits_shards.val)]
+    procs = {}
+    for mode in ("data", "model"):
+        args = [*data, "--out", str(root / mode), *COMMON, "--parallel", mode, "--gpus-per-worker", "0"]
+        procs[mode] = subprocess.Popen(fit_cmd(*args), cwd=ROOT, env=env, stdout=open(root / f"{mode}.log", "w"),
+                                       stderr=subprocess.STDOUT)
+    logs = {}
+    for mode, proc in procs.items():
+        proc.wait(timeout=900)
+        logs[mode] = (root / f"{mode}.log").read_text()
+        assert proc.returncode == 0, logs[mode][-3000:]
+    return {"data": root / "data", "model": root / "model", "logs": logs}
 
 
 def step_losses(log: str) -> list[tuple[int, int, float]]:
@@ -92,12 +86,10 @@ def test_split_runs_best_pt_loads_into_the_single_device_model(runs):
     net.load_state_dict(weights)                                          # strict: same keys and shapes
 
 
-def test_model_parallel_needs_two_devices_per_worker(digits_shards, tmp_path):
+def test_model_parallel_needs_two_devices_per_worker(digits_shards, tmp_path, run_main):
     """One GPU per worker cannot hold two columns: refused before any worker starts."""
-    out = subprocess.run(fit_cmd("--train", str(digits_shards.train), "--val", str(digits_shards.val),
-                                 "--out", str(tmp_path / "run"), "--parallel", "model", "--gpus-per-worker", "1"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = run_main("trainer", "fit", "--train", digits_shards.train, "--val", digits_shards.val,
+                   "--out", tmp_path / "run", "--parallel", "model", "--gpus-per-worker", "1")
     assert out.returncode != 0
     message = out.stderr.strip().splitlines()[-1]
     assert "--parallel model" in message and "two devices" in message, out.stderr[-2000:]
