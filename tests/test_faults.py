@@ -7,7 +7,9 @@ metrics, which holds only if the model, optimizer, scheduler, RNG states, runnin
 data position (DALI pipeline checkpoint) were restored where the last checkpoint was taken.
 
 Failures come from the ``fault.*`` config knobs (trainer/faults.py: a real SIGKILL, a real exception, a real
-NaN in the loss). Runs A-D share one local Ray cluster (RAY_ADDRESS); run E starts its own and is killed with it.
+NaN in the loss). Runs A-D share the session's local Ray cluster (RAY_ADDRESS); run E starts its own and is
+killed with it. All five start together, so that E's waits (its cluster's start, the 60 s given to the killed
+cluster's processes to exit) overlap the others' work.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,38 +98,16 @@ def alive(pids: set[int]) -> set[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(digits_shards, tmp_path_factory):
-    import ray
+def fit(cmd: list[str], log: Path, ray_address: str | None, expect: int = 0) -> str:
+    return finish(start(cmd, log, ray_address), log, expect)
 
-    root = tmp_path_factory.mktemp("faults")
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    address = ray.get_runtime_context().gcs_address
-    try:
-        cmds = {
-            "a": fit_cmd(digits_shards, root / "a"),
-            # rank 1 is SIGKILLed before global step 6 (epoch 1, checkpoint after step 3), then raises before step 13
-            "b": fit_cmd(digits_shards, root / "b", "--set", "fault.kill_at_step=6", "--set", "fault.rank=1",
-                         "--set", "fault.raise_at_step=13"),
-            # the loss turns NaN at global step 11 (epoch 2 step 3/8): the run stops; the same command resumes
-            "c": fit_cmd(digits_shards, root / "c", "--set", "fault.nan_at_step=11"),
-            # NaN at step 5, skipped
-            "d": fit_cmd(digits_shards, root / "d", "--set", "fault.nan_at_step=5", "--set",
-                         "train.skip_nonfinite=true"),
-        }
-        procs = {k: start(cmd, root / f"{k}.log", address) for k, cmd in cmds.items()}
-        logs = {"c1": finish(procs.pop("c"), root / "c.log", expect=3)}
-        procs["c2"] = start(cmds["c"], root / "c2.log", address)
-        logs.update({k: finish(p, root / f"{'c2' if k == 'c2' else k}.log") for k, p in procs.items()})
-    finally:
-        ray.shutdown()
 
-    # E: its own local Ray cluster (no RAY_ADDRESS), killed with the whole process tree during epoch 2,
-    # then the same command again
-    e_cmd = fit_cmd(digits_shards, root / "e")
-    proc = start(e_cmd, root / "e1.log", None)
+def kill_cluster_then_rerun(cmd: list[str], run: Path, root: Path) -> tuple[dict[str, str], dict]:
+    """Run E: its own local Ray cluster (no RAY_ADDRESS), killed with the whole process tree during epoch 2,
+    then the same command again. Returns its two logs and the Ray processes that outlived the killed driver."""
+    proc = start(cmd, root / "e1.log", None)
     deadline = time.monotonic() + 400
-    while len(read_metrics(root / "e")) < 1 and proc.poll() is None and time.monotonic() < deadline:
+    while len(read_metrics(run)) < 1 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert proc.poll() is None, (root / "e1.log").read_text()[-3000:]
     tree = descendants(proc.pid)
@@ -142,9 +123,36 @@ def runs(digits_shards, tmp_path_factory):
         os.kill(pid, signal.SIGKILL)
     time.sleep(1)
     assert not alive(tree)                                        # the whole cluster is gone before the rerun
-    logs["e1"] = (root / "e1.log").read_text()
-    logs["e2"] = finish(start(e_cmd, root / "e2.log", None), root / "e2.log")
-    return {"root": root, "logs": logs, "e_survivors": survivors}
+    logs = {"e1": (root / "e1.log").read_text(), "e2": fit(cmd, root / "e2.log", None)}
+    return logs, survivors
+
+
+@pytest.fixture(scope="module")
+def runs(digits_shards, ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    cmds = {
+        "a": fit_cmd(digits_shards, root / "a"),
+        # rank 1 is SIGKILLed before global step 6 (epoch 1, checkpoint after step 3), then raises before step 13
+        "b": fit_cmd(digits_shards, root / "b", "--set", "fault.kill_at_step=6", "--set", "fault.rank=1",
+                     "--set", "fault.raise_at_step=13"),
+        # the loss turns NaN at global step 11 (epoch 2 step 3/8): the run stops; the same command resumes
+        "c": fit_cmd(digits_shards, root / "c", "--set", "fault.nan_at_step=11"),
+        # NaN at step 5, skipped
+        "d": fit_cmd(digits_shards, root / "d", "--set", "fault.nan_at_step=5", "--set",
+                     "train.skip_nonfinite=true"),
+    }
+
+    def stop_then_resume() -> dict[str, str]:
+        return {"c1": fit(cmds["c"], root / "c.log", ray_cluster, expect=3),
+                "c2": fit(cmds["c"], root / "c2.log", ray_cluster)}
+
+    with ThreadPoolExecutor(max_workers=5) as pool:   # each thread waits on its own command(s)
+        e = pool.submit(kill_cluster_then_rerun, fit_cmd(digits_shards, root / "e"), root / "e", root)
+        c = pool.submit(stop_then_resume)
+        others = {k: pool.submit(fit, cmds[k], root / f"{k}.log", ray_cluster) for k in "abd"}
+        logs = {**{k: f.result() for k, f in others.items()}, **c.result()}
+        e_logs, survivors = e.result()
+    return {"root": root, "logs": {**logs, **e_logs}, "e_survivors": survivors}
 
 
 def test_killed_and_raising_workers_are_restarted_and_the_run_matches_an_uninterrupted_one(runs):
