@@ -1,10 +1,6 @@
 """`python -m trainer predict`: a tiny AlexNet trained until it knows ten real training images names them."""
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,8 +9,6 @@ from trainer.checkpoint import atomic_save
 from trainer.config import build_config
 from trainer.evaluate import predict, preprocess
 from trainer.train import build_model, model_file
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +46,18 @@ def test_predict_names_the_class_of_training_images(tiny_model):
         assert 0 < sum(c["prob"] for c in top) <= 1.0 + 1e-5
 
 
-def test_predict_cli_prints_top5_names_and_probabilities(tiny_model):
+def test_predict_cli_prints_top5_names_and_probabilities(tiny_model, run_main):
     path, images, classes = tiny_model
-    out = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", str(path), str(images[3])],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_main("trainer", "predict", "--checkpoint", path, images[3])
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines[0] == str(images[3]) and len(lines) == 6
     assert lines[1].split()[:2] == ["1.", classes[3]] and 0 < float(lines[1].split()[-1]) <= 1
 
 
-def test_predict_rejects_an_unreadable_image(tiny_model, tmp_path):
+def test_predict_rejects_an_unreadable_image(tiny_model, tmp_path, run_main):
     path, _, _ = tiny_model
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
-    out = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", str(path), str(bad)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_main("trainer", "predict", "--checkpoint", path, bad)
     assert out.returncode == 2 and "notes.jpg: cannot read this image" in out.stderr
