@@ -257,7 +257,8 @@ class _Ahead:
 
     def __init__(self, key: tuple, build):
         self.key, self.pipe = key, None
-        self._thread = threading.Thread(target=self._run, args=(build,), name="dali-next-epoch", daemon=True)
+        # not a daemon: the interpreter waits for it at exit instead of tearing DALI down mid-build
+        self._thread = threading.Thread(target=self._run, args=(build,), name="dali-next-epoch")
         self._thread.start()
 
     def _run(self, build) -> None:
@@ -309,10 +310,15 @@ class _DaliLoader(Loader):
         start = resume["step"] if resume else 0
         pipe, scheduled = self._start(resume)
         self._pipe = pipe
+        # run() is schedule_run() + outputs() (DALI refuses mixing the two). The first schedule_run()
+        # queues `depth` iterations, each later one the iteration `depth - 1` steps ahead: from step
+        # steps - depth on, everything the epoch needs is queued, so no more are scheduled and the next
+        # epoch's pipeline is built meanwhile.
+        last_needed = max(start, self.steps - self.cfg.prefetch)
         try:
             for step in range(start, self.steps):
                 try:
-                    if not scheduled:    # run() is schedule_run() + outputs(); DALI refuses mixing the two
+                    if not scheduled and (step == start or step <= last_needed):
                         pipe.schedule_run()
                     scheduled = False
                     images, cls, *source = pipe.outputs()
@@ -320,7 +326,7 @@ class _DaliLoader(Loader):
                     if not _about_data(e):
                         raise
                     raise _shard_error(e, self.shardset, self._suspects(step)) from None
-                if step == self.steps - 1 and self.build_ahead:
+                if step == last_needed and self.build_ahead:
                     epoch = self.epoch + 1
                     self._ahead = _Ahead((epoch, self.with_source), lambda: self._build(epoch))
                 labels = parse_labels(cls)
