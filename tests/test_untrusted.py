@@ -53,12 +53,12 @@ def test_the_evil_checkpoint_really_runs_code_when_loaded_without_weights_only(e
 
 
 @pytest.mark.parametrize("command", ["predict", "eval"])
-def test_cli_refuses_a_checkpoint_with_pickled_objects_and_runs_none_of_it(evil_checkpoint, digits_shards, command):
+def test_cli_refuses_a_checkpoint_with_pickled_objects_and_runs_none_of_it(evil_checkpoint, digits_shards, command,
+                                                                          run_main):
     path, marker = evil_checkpoint
     image = next((digits_shards.raw / "val").rglob("*.jpg"))
     args = [str(image)] if command == "predict" else ["--data", str(digits_shards.val)]
-    out = subprocess.run([sys.executable, "-m", "trainer", command, "--checkpoint", str(path), *args],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_main("trainer", command, "--checkpoint", path, *args)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         f"error: {path}: refused, it holds pickled Python objects (Unsupported global: GLOBAL getattr was not an "
@@ -110,14 +110,10 @@ def hostile_train_tar(tmp_path):
     return path
 
 
-def _shards_build(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shards", "build", *map(str, args), "--quiet"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_tar_members_with_absolute_or_parent_paths_are_rejected_and_never_written(hostile_train_tar, tmp_path):
+def test_tar_members_with_absolute_or_parent_paths_are_rejected_and_never_written(hostile_train_tar, tmp_path,
+                                                                                 run_main):
     out = tmp_path / "out" / "train"
-    result = _shards_build(hostile_train_tar, out, "--split", "train")
+    result = run_main("shards", "build", hostile_train_tar, out, "--split", "train", "--quiet")
     assert result.returncode == 0, result.stderr
     rejected = {json.loads(line)["path"]: json.loads(line)["reason"]
                 for line in (out / "rejected.jsonl").read_text().splitlines()}
@@ -135,9 +131,9 @@ def test_tar_members_with_absolute_or_parent_paths_are_rejected_and_never_writte
     assert not Path("/tmp/abs.JPEG").exists()
 
 
-def test_strict_build_stops_at_an_unsafe_member_and_leaves_no_manifest(hostile_train_tar, tmp_path):
+def test_strict_build_stops_at_an_unsafe_member_and_leaves_no_manifest(hostile_train_tar, tmp_path, run_main):
     out = tmp_path / "strict" / "train"
-    result = _shards_build(hostile_train_tar, out, "--split", "train", "--strict")
+    result = run_main("shards", "build", hostile_train_tar, out, "--split", "train", "--strict", "--quiet")
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unsafe tar member path" in lines[0], result.stderr
