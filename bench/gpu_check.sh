@@ -42,7 +42,7 @@ FLAGS=(--out "$OUT")
 [[ -n "${GPU_CHECK_DATA:-}" ]] && FLAGS+=(--data "$GPU_CHECK_DATA")
 [[ -n "${GPU_CHECK_WORK:-}" ]] && FLAGS+=(--work "$GPU_CHECK_WORK")
 if ((DRY)); then   # a 2-core CPU: generous ceilings, the steps themselves are tiny
-  declare -A BUDGET=([data]=60 [a]=45 [b]=45 [c]=120 [d]=150 [e]=45 [f]=20)
+  declare -A BUDGET=([data]=60 [a]=45 [b]=45 [c]=120 [d]=150 [e]=60 [f]=20)
 else
   declare -A BUDGET=([data]=45 [a]=35 [b]=80 [c]=145 [d]=115 [e]=30 [f]=10)
 fi
