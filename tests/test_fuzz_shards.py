@@ -21,6 +21,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import tracemalloc
@@ -28,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from hypothesis import event, given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -103,8 +104,8 @@ def _listing(root: Path, out_dir: Path) -> dict[str, tuple]:
             path = Path(dirpath, name)
             if path in above:
                 continue
-            st_ = os.lstat(path)
-            found[os.path.relpath(path, root)] = ((st_.st_mode,) if name in dirnames else
+            st_ = os.lstat(path)  # a link is a file here, whatever it points at
+            found[os.path.relpath(path, root)] = ((st_.st_mode,) if stat.S_ISDIR(st_.st_mode) else
                                                   (st_.st_mode, st_.st_size, st_.st_mtime_ns))
     return found
 
@@ -348,6 +349,8 @@ def _make_tree(src: Path, ops) -> dict[Path, str]:
 
 
 @given(ops=tree_ops, place=out_places)
+@example(ops=[(0, 0, "file", ("jpeg", 0)), (1, 0, "file", ("jpeg", 1))], place="in_class")  # found: class a lost
+@example(ops=[(2, 0, "link_class", ("jpeg", 0))], place="in_class")  # found: OUT's parent made a link resolve
 def test_fuzz_class_tree(ops, place):
     with case_dir() as case:
         src = case / "train"
