@@ -390,11 +390,12 @@ def summary_graphs(details: list[dict], plan: Plan) -> dict:
 
 def loader_rate(cfg, warmup: int, batches: int) -> dict:
     """Steady images/s inside one epoch: ``warmup`` batches (pipeline build, shuffle-buffer fill) untimed,
-    then up to ``batches`` timed; a new epoch would rebuild the pipeline, which a full ImageNet epoch amortises."""
+    then up to ``batches`` timed, stopping before the last ``prefetch`` batches, where the loader starts
+    building the next epoch's pipeline (a cost a full ImageNet epoch amortises)."""
     from pipeline import make_train_loader
     t0 = time.perf_counter()
     loader = make_train_loader(cfg)
-    timed = min(batches, len(loader) - warmup)
+    timed = min(batches, len(loader) - warmup - cfg.prefetch)
     if timed < 1:
         raise ValueError(f"{cfg.shard_dir}: {len(loader)} batches per epoch, too few for {warmup} warm-up + 1 timed")
     it = iter(loader)
@@ -546,7 +547,8 @@ def step_training(ctx: Ctx):
                                              plan.device))
                 else:
                     loader = make_train_loader(lcfg.replace(batch_size=batch))
-                    steps = min(plan.train_steps, len(loader) - plan.train_warmup)
+                    # inside one epoch, clear of its last `prefetch` steps (the next epoch's build: see loader_rate)
+                    steps = min(plan.train_steps, len(loader) - plan.train_warmup - lcfg.prefetch)
                     if steps < 1:
                         raise ValueError(f"{lcfg.shard_dir}: {len(loader)} batches of {batch} per epoch, too few")
                     it = iter(loader)
