@@ -97,18 +97,20 @@ class Plan:
 
 
 def make_plan(dry: bool) -> Plan:
-    if dry:
+    if dry:   # the same steps on a 2-core CPU in about 3 minutes
         return Plan(dry=True, device="cpu", per_class=24, val_per_class=4, shorter=96, crop_sides=(60, 160),
-                    small_shorter=80, max_count=64, crop=64, width=0.125, check_batch=8, loader_batch=16,
-                    hw_loads=(0.0, 1.0), threads=(2,), loader_warmup=2, loader_batches=4, train_batches=(8,),
-                    compile_batches=(8,), compile_backend="aot_eager", train_warmup=1, train_steps=2, train_threads=2, fit_batch=16,
-                    fit_steps=3, split_args=("--device", "cpu", "--width", "0.125", "--batch", "2", "--rounds",
-                                             "1", "--steps", "1"))
+                    small_shorter=80, max_count=64, crop=64, width=0.125,
+                    check_batch=8, loader_batch=16, hw_loads=(0.0, 1.0), threads=(2,), loader_warmup=2,
+                    loader_batches=4, train_batches=(8,), compile_batches=(8,), compile_backend="aot_eager",
+                    train_warmup=1, train_steps=2, train_threads=2, fit_batch=16, fit_steps=3,
+                    split_args=("--device", "cpu", "--width", "0.125", "--batch", "2", "--rounds", "1",
+                                "--steps", "1"))
     return Plan(dry=False, device="cuda:0", per_class=1536, val_per_class=64, shorter=375, crop_sides=(300, 520),
-                small_shorter=256, max_count=1000, crop=224, width=1.0, check_batch=64, loader_batch=256,
-                hw_loads=(0.0, 0.65, 1.0), threads=(4, 8, 16), loader_warmup=6, loader_batches=30,
-                train_batches=(256, 512, 128), compile_batches=(256, 512, 128), compile_backend="inductor", train_warmup=3, train_steps=20,
-                train_threads=8, fit_batch=256, fit_steps=20,
+                small_shorter=256, max_count=1000, crop=224, width=1.0,
+                check_batch=64, loader_batch=256, hw_loads=(0.0, 0.65, 1.0), threads=(4, 8, 16), loader_warmup=6,
+                loader_batches=30, train_batches=(256, 512, 128), compile_batches=(256, 512, 128),
+                compile_backend="inductor", train_warmup=3, train_steps=20, train_threads=8, fit_batch=256,
+                fit_steps=20,
                 split_args=("--device", "cuda", "--width", "1", "--batch", "128", "--rounds", "3", "--steps", "10"))
 
 
@@ -259,7 +261,8 @@ def step_data(ctx: Ctx):
                          str(plan.small_shorter), workers=workers, max_count=plan.max_count)
     if full.wait() != 0:
         raise RuntimeError(f"python -m shards build {data / 'train_full'} exited {full.returncode}")
-    val = shards_build(data / "raw" / "val", data / "val", "val", "--classes", str(data / "train_full" / "classes.json"),
+    val = shards_build(data / "raw" / "val", data / "val", "val",
+                       "--classes", str(data / "train_full" / "classes.json"),
                        workers=workers, max_count=plan.max_count)
     for name, proc in (("train_small", small), ("val", val)):
         if proc.wait() != 0:
@@ -324,7 +327,8 @@ def pixel_difference(cfg_a, kind_a: str, cfg_b, kind_b: str) -> dict:
         images += int(keep.sum())
         worst_image = max(worst_image, float(diff.flatten(1).mean(1).max()))
         worst_pixel = max(worst_pixel, float(diff.max()))
-    return {"images": images, "mean_abs_levels": round(total / count, 4), "worst_image_mean_levels": round(worst_image, 4),
+    return {"images": images, "mean_abs_levels": round(total / count, 4),
+            "worst_image_mean_levels": round(worst_image, 4),
             "max_abs_levels": round(worst_pixel, 2)}
 
 
@@ -692,7 +696,8 @@ def step_fit(ctx: Ctx):
            "--val", str(ctx.data / "val"), "--out", str(run), "--preset", "modern", "--workers", "1",
            "--gpus-per-worker", "1" if plan.cuda else "0", "--epochs", "2", "--batch-size", str(plan.fit_batch),
            "--width", str(plan.width), "--set", f"data.image_size={plan.crop}",
-           "--set", f"train.max_steps_per_epoch={plan.fit_steps}", "--set", f"data.num_threads={settings['num_threads']}",
+           "--set", f"train.max_steps_per_epoch={plan.fit_steps}",
+           "--set", f"data.num_threads={settings['num_threads']}",
            "--set", "train.log_every=5",
            "--set", "run.max_failures=0",      # a failure ends the check instead of being retried
            # c measures torch.compile; its minute of compiling does not fit here. Quoted: YAML reads off as False
@@ -777,7 +782,8 @@ def summary_memory(details: list[dict], plan: Plan) -> dict:
     d = next((d for d in details if d.get("source") == "d"), None)
     parts = []
     if not plan.cuda:
-        parts.append(f"no GPU memory on the CPU; c {'ran' if c else 'left no figures'}, d {'ran' if d else 'left no figures'}")
+        ran = {k: "ran" if v else "left no figures" for k, v in (("c", c), ("d", d))}
+        parts.append(f"no GPU memory on the CPU; c {ran['c']}, d {ran['d']}")
     elif c:
         parts.append(f"c: {c['peak_torch_gib']} GiB torch peak (batch {c['batch']}, "
                      f"{'compiled' if c['compile'] else 'eager'}), device {c['device_used_gib']} GiB with DALI")

@@ -51,8 +51,10 @@ def test_dry_run_gives_every_step_a_passing_row(tmp_path, ray_cluster):
 
 def test_goals_are_enforced_on_a_gpu_only():
     gpu, dry = gpu_check.make_plan(False), gpu_check.make_plan(True)
-    loader = [{"shards": "train_small", "hw_decoder_load": 0.65, "threads": 8, "images_per_s": 24_000.0, "status": "ok"},
-              {"shards": "train_full", "hw_decoder_load": 1.0, "threads": 16, "images_per_s": 9_000.0, "status": "ok"}]
+    loader = [{"shards": "train_small", "hw_decoder_load": 0.65, "threads": 8, "images_per_s": 24_000.0,
+               "status": "ok"},
+              {"shards": "train_full", "hw_decoder_load": 1.0, "threads": 16, "images_per_s": 9_000.0,
+               "status": "ok"}]
     assert not gpu_check.summary_loader(loader, gpu)["passed"]
     assert gpu_check.summary_loader(loader, dry)["passed"]
     loader[0]["images_per_s"] = 25_000.0
