@@ -131,7 +131,7 @@ def choose_workers(cfg: Config, verbose: bool = False) -> str:
 
     r = cfg.run
     auto = "auto" in (r.workers, r.gpus_per_worker)
-    if not auto and r.cpus_per_worker != "auto":
+    if not auto and (r.cpus_per_worker != "auto" or not r.gpus_per_worker):   # auto CPUs: GPU workers' share
         resources = {}
     elif r.workers == 0 or not joins_existing_cluster():
         resources = local_resources()   # local mode, or the local cluster init_ray starts below
