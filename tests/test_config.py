@@ -353,3 +353,8 @@ def test_metrics_log_resume_drops_uncommitted_epochs(tmp_path):
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 2]
     with pytest.raises(ValueError, match="images_per_s"):
         MetricsLog(tmp_path, 3).log({"epoch": 3, "train_loss": 1, "val_top1": 0, "val_top5": 0, "lr": 0})
+
+
+def test_on_and_off_mean_the_words_not_yaml_booleans():
+    cfg = build_config("modern", None, {}, ["train.compile=off", "train.channels_last=on"], need_data=False)
+    assert (cfg.train.compile, cfg.train.channels_last) == ("off", "on")

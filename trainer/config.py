@@ -395,6 +395,8 @@ def _convert(value: Any, type_: Any, key: str) -> Any:
         raise ValueError(f"{key} must be {' or '.join(names)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(type_)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):   # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         if value not in allowed:
             raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")
         return value
