@@ -10,6 +10,7 @@ the workers are Ray actors, torchrun processes or this process (local mode).
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -105,8 +106,8 @@ class Follow:
                 self.progress_mtime = mtime
                 try:
                     self._update_bar(json.loads(self.progress.read_text()))
-                except ValueError:
-                    pass
+                except Exception:   # a bar that cannot be drawn must not stop the lines
+                    self.bar_wanted = False
 
     def _show(self, line: str) -> None:
         if self.bar_wanted and STEP_LINE.match(line):
@@ -129,8 +130,9 @@ class Follow:
                             unit="step", file=sys.stdout, leave=False,
                             ncols=shutil.get_terminal_size((100, 20)).columns)   # a terminal of size 0: 100
         self.bar.n = p["step"]
-        self.bar.set_postfix_str(f"loss {p['loss']:.4f}, {p['images_per_s']:.1f} images/s, "
-                                 f"run ETA {duration(p['eta_s'])}", refresh=False)
+        loss = f"loss {p['loss']:.4f}, " if math.isfinite(p["loss"]) else ""   # known from the first line on
+        self.bar.set_postfix_str(f"{loss}{p['images_per_s']:.1f} images/s, run ETA {duration(p['eta_s'])}",
+                                 refresh=False)
         self.bar.refresh()
 
     def _close_bar(self) -> None:
