@@ -250,6 +250,30 @@ def test_missing_or_ill_typed_meta_is_one_line(meta, tmp_path, image, capsys):
     assert ("meta has no 'classes'" in err[0]) if isinstance(meta, dict) else ("'meta' is a" in err[0])
 
 
+def test_a_training_state_predicts_with_the_facts_of_its_config(tmp_path, image, capsys):
+    """A Ray Train checkpoint's state (no 'meta'): width, image size and resize from its config, checked the same."""
+    from trainer.config import Config
+
+    cfg = Config()
+    cfg.model.width, cfg.data.image_size = 0.125, 64
+    obj = torch.load(model_file(tmp_path / "m.pt"), weights_only=True)
+    state = {"model": obj["model"], "config": cfg.to_dict(), "classes": CLASSES, "epoch": 3}
+    torch.save(state, tmp_path / ckpt.TRAINING_STATE)
+    code, err, out = cli(capsys, "predict", "--checkpoint", tmp_path / ckpt.TRAINING_STATE, image, "--json")
+    assert (code, err) == (0, []) and len(json.loads(out)["top5"]) == 5
+    assert ckpt.model_meta(state)["resize_shorter"] == 73   # 0 in the config: 64 * 256 / 224
+    cfg.model.width = 0.25
+    torch.save({**state, "config": cfg.to_dict()}, tmp_path / ckpt.TRAINING_STATE)
+    code, err, _ = cli(capsys, "predict", "--checkpoint", tmp_path / ckpt.TRAINING_STATE, image)
+    assert code == 2 and err[0].startswith(f"error: {tmp_path / ckpt.TRAINING_STATE}: meta width 0.25 means layer ")
+    del state["config"]["model"]
+    torch.save(state, tmp_path / ckpt.TRAINING_STATE)
+    code, err, _ = cli(capsys, "predict", "--checkpoint", tmp_path / ckpt.TRAINING_STATE, image)
+    assert (code, err) == (2, [f"error: {tmp_path / ckpt.TRAINING_STATE}: neither 'meta' nor a complete training "
+                                f"state ('classes' and a 'config' with model.width, model.dropout, data.image_size)"
+                                f"{FIX}"])
+
+
 def test_a_zero_byte_model_file_is_one_line(tmp_path, image, capsys):
     path = tmp_path / "empty.pt"
     path.touch()

@@ -237,10 +237,10 @@ def model_meta(obj: dict[str, Any], path: str | os.PathLike = "checkpoint") -> d
             cfg = obj["config"]
             meta = {"classes": obj["classes"], "width": cfg["model"]["width"],
                     "image_size": cfg["data"]["image_size"], "dropout": cfg["model"]["dropout"],
-                    "resize_shorter": obj.get("resize_shorter", 0), "epoch": obj.get("epoch", 0)}
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: neither 'meta' nor a complete training state ('config', 'classes'; "
-                             f"missing {e}); {fix}") from None
+                    "resize_shorter": cfg["data"].get("resize_shorter", 0), "epoch": obj.get("epoch", 0)}
+        except (KeyError, TypeError, AttributeError):
+            raise ValueError(f"{path}: neither 'meta' nor a complete training state ('classes' and a 'config' "
+                             f"with model.width, model.dropout, data.image_size); {fix}") from None
         if not meta["resize_shorter"] and _is_int(meta["image_size"]):
             meta["resize_shorter"] = round(meta["image_size"] * 256 / 224)  # Config.shorter_side()
     arch = architecture(obj["model"], path)
