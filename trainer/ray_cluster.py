@@ -141,10 +141,13 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
                          f"for CPU workers or set RAY_ADDRESS to a cluster with GPUs")
     if not verbose:   # a new local cluster gets token authentication (Ray's default); its notice says only that
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    port = _free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=max(os.cpu_count() or 1, need + 1), num_gpus=gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True, logging_level=level)
+    dashboard = {}
+    if ray._private.utils.get_dashboard_dependency_error() is None:   # a minimal ray[train] has no dashboard:
+        port = _free_port()                                             # train without it (the cleaner then warns)
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        dashboard = dict(dashboard_host="127.0.0.1", dashboard_port=port)
+    ray.init(num_cpus=max(os.cpu_count() or 1, need + 1), num_gpus=gpus, include_dashboard=bool(dashboard),
+             log_to_driver=True, logging_level=level, **dashboard)
 
 
 def ray_log_dir() -> str | None:
