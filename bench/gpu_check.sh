@@ -60,11 +60,11 @@ def have(name):   # found without importing it: the check costs no seconds
 missing = [m for m in ("torch", "numpy", "PIL", "skimage", "sklearn", "yaml", "tqdm", "nvidia.dali", "webdataset",
                        "ray", "ray.train", "matplotlib", "tensorboard") if not have(m)]
 print("  packages: " + (f"MISSING {', '.join(missing)}: the steps that need them will fail" if missing else "all found"))
-# a local Ray cluster started with its dashboard (trainer/ray_cluster.py) needs ray[default]'s packages
+# without ray[default]'s dashboard packages the trainer starts its local Ray cluster without the dashboard
 dash = [m for m in ("aiohttp", "aiohttp_cors", "grpc", "opencensus", "opentelemetry", "prometheus_client", "pydantic")
         if not have(m)]
 if dash:
-    print(f"  Ray dashboard packages MISSING ({', '.join(dash)}): step d fails if the trainer starts Ray with its dashboard")
+    print(f"  Ray dashboard packages absent ({', '.join(dash)}): step d's local cluster runs without the dashboard")
 if os.environ["DRY"] == "0":
     import torch
     if not torch.cuda.is_available():
