@@ -275,7 +275,7 @@ def test_stage_on_a_full_disk_fails_in_one_line_and_the_rerun_resumes(remote, tm
     left = (out / "after_first.ls").read_text().split()
     assert "manifest.json" not in left and not [p for p in left if ".part-" in p]   # nothing half-written
     kept = [p for p in left if p.endswith(".tar")]
-    assert 1 <= len(kept) < n
+    assert 0 < len(kept) < n
     assert (out / "second.rc").read_text().strip() == "0", (out / "second.err").read_text()
     assert f"{n - len(kept)} copied" in (out / "second.out").read_text()
     assert f"{len(kept)} already present and valid" in (out / "second.out").read_text()
