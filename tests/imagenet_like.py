@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
+import signal
+import subprocess
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,3 +158,20 @@ def blocking_build_argv(python: str, stuck_file: str, args: list) -> list[str]:
     """argv for ``python -m shards <args>`` that blocks forever when it reads ``stuck_file`` (an item's
     ``file``: its path relative to SOURCE)."""
     return [python, "-c", _BLOCKING_BUILD, stuck_file, *map(str, args)]
+
+
+def kill_build_after_first_shard(argv: list[str], out: Path, env: dict, cwd: Path) -> None:
+    """Run a blocking build (``blocking_build_argv``), wait until ``train-000001.tar`` is finished while the
+    build is stuck, then SIGKILL it: an interrupted build with finished shards and no manifest."""
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out / "train-000001.tar").exists():
+            assert proc.poll() is None, "the build ended before it reached the blocking file"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert proc.poll() is None and (out / "train-000001.tar").exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "manifest.json").exists()

@@ -10,10 +10,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from imagenet_like import (Tree, blocking_build_argv, write_class_tree, write_flat_with_loc_csv,
+from imagenet_like import (Tree, blocking_build_argv, kill_build_after_first_shard, write_class_tree, write_flat_with_loc_csv,
                            write_imagenet_train_tar, write_kaggle_layout)
 from shards.build import BuildConfig, build
 from shards.images import EncodeConfig, target_size
@@ -176,19 +174,7 @@ def test_resume_after_a_killed_run_is_byte_identical(tree, tmp_path):
     out = tmp_path / "out"
     cmd = ["build", source, out, "--split", "train", "--max-count", 2, "--seed", 3]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(blocking_build_argv(sys.executable, f"{wnid}/{wnid}_2.JPEG", cmd), env=env,
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (out / "train-000001.tar").exists():
-            assert proc.poll() is None, "the build ended before it reached the blocking file"
-            time.sleep(0.05)
-        time.sleep(0.3)
-        assert proc.poll() is None and (out / "train-000001.tar").exists()
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not (out / "manifest.json").exists()
+    kill_build_after_first_shard(blocking_build_argv(sys.executable, f"{wnid}/{wnid}_2.JPEG", cmd), out, env, REPO)
     finished = sorted(p.name for p in out.glob("train-*.tar"))
 
     resumed = run_cli(*cmd, check=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from imagenet_like import (
+from imagenet_like import (kill_build_after_first_shard, 
     blocking_build_argv,
     jpeg_bytes,
     write_class_tree,
@@ -118,18 +118,7 @@ def interrupted_build(source: Path, out: Path, *, stuck_at: int = 5) -> None:
     position ``stuck_at``, so the shards before it are finished and the rest is not."""
     argv = blocking_build_argv(sys.executable, item_at(source, stuck_at),
                                ["build", source, out, "--split", "train", "--max-count", 2, "--seed", 3, "--quiet"])
-    proc = subprocess.Popen(argv, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (out / "train-000001.tar").exists():
-            assert proc.poll() is None, "the build ended before it reached the blocking file"
-            time.sleep(0.05)
-        time.sleep(0.3)
-        assert proc.poll() is None and (out / "train-000001.tar").exists()
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not (out / "manifest.json").exists()
+    kill_build_after_first_shard(argv, out, ENV, REPO)
 
 
 BUILD = ("--split", "train", "--max-count", 2, "--seed", 3, "--quiet")
