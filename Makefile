@@ -8,6 +8,9 @@ PY     := $(VENV)/bin/python
 TORCH_VERSION  ?= 2.13.0
 TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo_data
+# pytest-xdist processes for `make test`: whole test modules run side by side (tests/conftest.py orders them).
+# Three on two cores, because the long modules spend much of their time waiting on Ray and subprocesses.
+TEST_WORKERS ?= 3
 
 .PHONY: setup demo test fuzz bench clean
 
@@ -25,7 +28,7 @@ demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)
 
 test: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The property-based fuzz tests with many more examples than `make test` runs, from a random seed.
 fuzz: setup

@@ -74,6 +74,20 @@ def ray_cluster() -> str:
     ray.shutdown()
 
 
+# ---------------------------------------------------------------- order (make test runs modules in parallel)
+
+# `make test` spreads whole modules over pytest-xdist workers (--dist loadfile) in collection order, so the
+# modules that take longest (multi-process Ray runs) are collected first and start at once, and the many
+# short modules fill the other workers meanwhile. Longest first, as measured; unlisted modules follow.
+LONGEST_FIRST = ("test_faults.py", "test_trainer.py", "test_gpu_check.py", "test_cluster_e2e.py",
+                 "test_local_mode.py", "test_parallel_fit.py", "test_console.py", "test_bad_input.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: test order kept within a module
+
+
 # ---------------------------------------------------------------- Hypothesis profiles (fuzz tests)
 
 # "ci", the default: a fixed seed (derandomize) and 200 examples per property, sized for the suite's time
