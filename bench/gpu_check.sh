@@ -41,8 +41,8 @@ FLAGS=(--out "$OUT")
 ((DRY)) && FLAGS+=(--dry)
 [[ -n "${GPU_CHECK_DATA:-}" ]] && FLAGS+=(--data "$GPU_CHECK_DATA")
 [[ -n "${GPU_CHECK_WORK:-}" ]] && FLAGS+=(--work "$GPU_CHECK_WORK")
-if ((DRY)); then   # a 2-core CPU: generous ceilings, the steps themselves are tiny
-  declare -A BUDGET=([data]=60 [a]=45 [b]=45 [c]=120 [d]=150 [e]=60 [f]=20)
+if ((DRY)); then   # a 2-core CPU shared with other work (the test suite): ceilings against a hang, not speed goals
+  declare -A BUDGET=([data]=90 [a]=90 [b]=90 [c]=180 [d]=300 [e]=90 [f]=30)
 else
   declare -A BUDGET=([data]=45 [a]=35 [b]=80 [c]=145 [d]=115 [e]=30 [f]=10)
 fi

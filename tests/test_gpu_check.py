@@ -30,7 +30,7 @@ def test_dry_run_gives_every_step_a_passing_row(tmp_path, ray_cluster):
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DATA": str(tmp_path / "data"),
            "GPU_CHECK_WORK": str(tmp_path / "work"), "RAY_ADDRESS": ray_cluster}
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry", str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=880)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(gpu_check.STEPS)
