@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +23,29 @@ class DigitsShards:
 
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> DigitsShards:
+    """Built once per test session, read-only for every test (a test that changes shards copies them first).
+    Under pytest-xdist the workers share one copy: the first builds it under a file lock, the others wait."""
+    from filelock import FileLock
+
     from shards.build import BuildConfig, build
     from shards.sample_data import export_digits
 
-    root = tmp_path_factory.mktemp("digits")
-    export_digits(root / "raw", size=64)
-    train, val = root / "shards" / "train", root / "shards" / "val"
-    build(BuildConfig(str(root / "raw" / "train"), str(train), "train", max_count=300, seed=0), progress=False)
-    build(BuildConfig(str(root / "raw" / "val"), str(val), "val", classes=str(train / "classes.json"),
-                      max_count=200, seed=0), progress=False)
-    return DigitsShards(train=train, val=val, raw=root / "raw")
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent   # pytest-N/, above each worker's popen-gwK/
+    root = base / "digits"
+    done = root / "built"
+    with FileLock(str(base / "digits.lock")):
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)   # left half-built by an interrupted worker
+            export_digits(root / "raw", size=64)
+            train, val = root / "shards" / "train", root / "shards" / "val"
+            build(BuildConfig(str(root / "raw" / "train"), str(train), "train", max_count=300, seed=0),
+                  progress=False)
+            build(BuildConfig(str(root / "raw" / "val"), str(val), "val", classes=str(train / "classes.json"),
+                              max_count=200, seed=0), progress=False)
+            done.touch()
+    return DigitsShards(train=root / "shards" / "train", val=root / "shards" / "val", raw=root / "raw")
 
 
 # ---------------------------------------------------------------- commands in process
@@ -94,8 +109,6 @@ def pytest_collection_modifyitems(config, items):
 # budget; a property that needs another count scales settings.default.max_examples. "fuzz" (`make fuzz`,
 # HYPOTHESIS_PROFILE=fuzz): 25 times more examples from a random seed; a failure prints its reproduce blob.
 try:
-    import os as _os
-
     from hypothesis import HealthCheck, settings
 
     _COMMON = dict(deadline=None, database=None, print_blob=True,
@@ -103,6 +116,6 @@ try:
                                           HealthCheck.filter_too_much])
     settings.register_profile("ci", max_examples=200, derandomize=True, **_COMMON)
     settings.register_profile("fuzz", max_examples=5000, derandomize=False, **_COMMON)
-    settings.load_profile(_os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # the `test` extra installs hypothesis; without it only the fuzz modules fail to import
     pass
