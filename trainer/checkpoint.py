@@ -238,6 +238,7 @@ def model_meta(obj: dict[str, Any], path: str | os.PathLike = "checkpoint") -> d
             meta = {"classes": obj["classes"], "width": cfg["model"]["width"],
                     "image_size": cfg["data"]["image_size"], "dropout": cfg["model"]["dropout"],
                     "resize_shorter": cfg["data"].get("resize_shorter", 0), "epoch": obj.get("epoch", 0)}
+            meta.update({key: cfg["model"][name] for key, name in CONFIG_NAMES.items() if name in cfg["model"]})
         except (KeyError, TypeError, AttributeError):
             raise ValueError(f"{path}: neither 'meta' nor a complete training state ('classes' and a 'config' "
                              f"with model.width, model.dropout, data.image_size); {fix}") from None
@@ -359,11 +360,23 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def alexnet_shapes(widths: dict[str, int], side: int, num_classes: int) -> dict[str, tuple[int, ...]]:
-    """Every state-dict entry's shape for AlexNet with these layer widths (trainer/model.py)."""
-    from trainer.model import COLUMNS
+# The model variant options a model file's meta may hold (trainer/model.py AlexNet's keyword arguments),
+# their values when absent (files written before they existed: the paper's net), and what each may be.
+VARIANT_DEFAULTS = {"lrn": True, "lrn_alpha": "paper", "pool": "overlapping", "columns": 2, "activation": "relu"}
+VARIANT_VALUES = {"lrn": (True, False), "lrn_alpha": ("paper", "cuda-convnet"),
+                  "pool": ("overlapping", "non-overlapping"), "columns": (1, 2), "activation": ("relu", "tanh")}
+CONFIG_NAMES = {"lrn": "lrn", "lrn_alpha": "lrn_alpha_convention", "pool": "pool", "columns": "columns",
+                "activation": "activation"}   # meta key -> model.* config key
 
-    w, g = widths, COLUMNS
+
+def variant_args(meta: dict[str, Any]) -> dict[str, Any]:
+    """AlexNet's variant keyword arguments from a checked ``meta`` (absent keys: the paper's net)."""
+    return {key: meta.get(key, default) for key, default in VARIANT_DEFAULTS.items()}
+
+
+def alexnet_shapes(widths: dict[str, int], side: int, num_classes: int, columns: int = 2) -> dict[str, tuple[int, ...]]:
+    """Every state-dict entry's shape for AlexNet with these layer widths and column count (trainer/model.py)."""
+    w, g = widths, columns
     weights = {"conv1": (w["conv1"], 3, 11, 11), "conv2": (w["conv2"], w["conv1"] // g, 5, 5),
                "conv3": (w["conv3"], w["conv2"], 3, 3), "conv4": (w["conv4"], w["conv3"] // g, 3, 3),
                "conv5": (w["conv5"], w["conv4"] // g, 3, 3), "fc6": (w["fc6"], w["conv5"] * side * side),
@@ -411,11 +424,13 @@ def architecture(state: Any, path: str | os.PathLike) -> dict[str, Any]:
     if side < 1 or side * side * c5 != fc6_in:
         raise ValueError(f"{path}: model entry fc6.weight has {fc6_in} inputs, not conv5's {c5} maps times a "
                          f"square map size; {FIX}")
-    for key, shape in alexnet_shapes(widths, side, num_classes).items():
+    # grouped conv2 (two columns) reads half of conv1's maps, the one-column net's reads all of them
+    columns = 1 if state["conv2.weight"].dim() > 1 and int(state["conv2.weight"].shape[1]) == widths["conv1"] else 2
+    for key, shape in alexnet_shapes(widths, side, num_classes, columns).items():
         if tuple(state[key].shape) != shape:
             raise ValueError(f"{path}: model entry {key} has shape {tuple(state[key].shape)}, expected {shape} "
                              f"for an AlexNet with the layer widths {list(widths.values())}; {FIX}")
-    return {"widths": widths, "side": side, "num_classes": num_classes}
+    return {"widths": widths, "side": side, "num_classes": num_classes, "columns": columns}
 
 
 def check_meta(meta: dict[str, Any], arch: dict[str, Any], path: str | os.PathLike) -> None:
@@ -426,16 +441,27 @@ def check_meta(meta: dict[str, Any], arch: dict[str, Any], path: str | os.PathLi
         if key not in meta:
             raise ValueError(f"{path}: meta has no {key!r}; {FIX}")
     width, size, shorter, classes = meta["width"], meta["image_size"], meta["resize_shorter"], meta["classes"]
+    for key, allowed in VARIANT_VALUES.items():
+        value = meta.get(key, VARIANT_DEFAULTS[key])
+        if type(value) is not type(VARIANT_DEFAULTS[key]) or value not in allowed:
+            raise ValueError(f"{path}: meta {key} {value!r} is not one of {list(allowed)}; {FIX}")
+    variant = variant_args(meta)
+    if variant["columns"] != arch["columns"]:
+        raise ValueError(f"{path}: meta columns {variant['columns']} does not match the weights, which are a "
+                         f"{arch['columns']}-column net (conv2's input maps); {FIX}")
     if not (_is_number(width) and 0 < width <= MAX_WIDTH):
         raise ValueError(f"{path}: meta width {width!r} is not a number in (0, {MAX_WIDTH:g}]; {FIX}")
-    if list(scaled_widths(width).values()) != list(arch["widths"].values()):
-        raise ValueError(f"{path}: meta width {width!r} means layer widths {list(scaled_widths(width).values())}, "
+    widths = list(scaled_widths(width, variant["columns"]).values())
+    if widths != list(arch["widths"].values()):
+        raise ValueError(f"{path}: meta width {width!r} means layer widths {widths}, "
                          f"the weights have {list(arch['widths'].values())}; {FIX}")
     if not (_is_int(size) and 63 <= size <= MAX_IMAGE_SIZE):
         raise ValueError(f"{path}: meta image_size {size!r} is not an integer in 63..{MAX_IMAGE_SIZE}; {FIX}")
-    if feature_map_size(size) != arch["side"]:
-        raise ValueError(f"{path}: meta image_size {size} gives {feature_map_size(size)}x{feature_map_size(size)} "
-                         f"maps into fc6, the weights are for {arch['side']}x{arch['side']}; {FIX}")
+    side = feature_map_size(size, variant["pool"])
+    if side != arch["side"]:
+        pool = "" if variant["pool"] == "overlapping" else f" (with {variant['pool']} pooling)"
+        raise ValueError(f"{path}: meta image_size {size} gives {side}x{side} maps into fc6, the weights are for "
+                         f"{arch['side']}x{arch['side']}{pool}; {FIX}")
     if not (_is_int(shorter) and size <= shorter <= MAX_RESIZE_SHORTER):
         raise ValueError(f"{path}: meta resize_shorter {shorter!r} is not an integer in {size}..{MAX_RESIZE_SHORTER} "
                          f"(image_size..{MAX_RESIZE_SHORTER}); {FIX}")

@@ -23,6 +23,12 @@ data.resize_shorter            0 (= image_size * 256 / 224) or image_size..2048
 data.num_threads               integer 0..256 (0 = auto: run.cpus_per_worker on GPU workers, 2 on the CPU)
 model.width                    (0, 8]
 model.dropout                  [0, 1)
+model.init                     paper | kaiming
+model.lrn                      true | false (response normalisation after conv1 and conv2)
+model.lrn_alpha_convention     paper (1e-4 per squared neighbour) | cuda-convnet (1e-4 / 5 = 2e-5 per term)
+model.pool                     overlapping (3x3, stride 2) | non-overlapping (2x2, stride 2)
+model.columns                  integer 1..2 (1: the one-GPU net, conv1-conv4 halved; not with run.parallel=model)
+model.activation               relu | tanh
 optim.lr                       (0, 10]
 optim.lr_reference_batch       integer 0..65536 (0 = no scaling)
 optim.momentum                 [0, 1)
@@ -132,12 +138,28 @@ class ModelConfig:
     width: float = 1.0              # multiplies every conv and fc width (1.0 = the paper's net)
     dropout: float = 0.5
     init: Literal["paper", "kaiming"] = "paper"
+    # the variants below default to the paper's net; trainer/model.py's docstring says what each changes
+    lrn: bool = True                # response normalisation after conv1 and conv2 (section 3.3)
+    # alpha = 1e-4 per squared neighbour (the paper's formula) or 1e-4 / n = 2e-5 (cuda-convnet, Caffe, torch)
+    lrn_alpha_convention: Literal["paper", "cuda-convnet"] = "paper"
+    pool: Literal["overlapping", "non-overlapping"] = "overlapping"   # 3x3 stride 2, or 2x2 stride 2
+    columns: int = 2                # 2: the paper's two-GPU net; 1: its one-GPU comparison net (section 3.2)
+    activation: Literal["relu", "tanh"] = "relu"
 
     def validate(self) -> None:
         c = _Check("model", self)
         c.number("width", 0, 8, low_open=True)
         c.number("dropout", 0, 1, high_open=True)
         c.choice("init")
+        c.flag("lrn")
+        for name in ("lrn_alpha_convention", "pool", "activation"):
+            c.choice(name)
+        c.integer("columns", 1, 2, " (2: the paper's two-column net, 1: its one-GPU net)")
+
+    def build_args(self) -> dict:
+        """AlexNet's keyword arguments for the variant options (also saved in a model file's meta)."""
+        return {"lrn": self.lrn, "lrn_alpha": self.lrn_alpha_convention, "pool": self.pool,
+                "columns": self.columns, "activation": self.activation}
 
 
 @dataclass(kw_only=True)
@@ -349,6 +371,9 @@ class Config:
         if r.workers != "auto" and r.workers and t.batch_size % r.workers:
             raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
                              f"run.workers ({r.workers}); e.g. --batch-size {t.batch_size // r.workers * r.workers or r.workers}")
+        if r.parallel == "model" and self.model.columns != 2:
+            raise ValueError(f"run.parallel=model places the net's two columns on two devices, model.columns is "
+                             f"{self.model.columns}: use --parallel data or --set model.columns=2")
         if r.parallel == "model" and t.compile == "on":
             raise ValueError("--parallel model runs eagerly (trainer/parallel.py's two-column forward is not "
                              "compiled); use --set train.compile=auto or off")

@@ -23,7 +23,7 @@ def load_model(checkpoint_path: str) -> tuple[AlexNet, dict[str, Any]]:
     obj = ckpt.load(checkpoint_path)
     meta = ckpt.model_meta(obj, checkpoint_path)  # checked against the weights: builds nothing larger than them
     model = AlexNet(len(meta["classes"]), width=meta["width"], dropout=meta.get("dropout", 0.5),
-                    image_size=meta["image_size"])
+                    image_size=meta["image_size"], **ckpt.variant_args(meta))
     try:
         model.load_state_dict(obj["model"])
     except RuntimeError as e:

@@ -96,8 +96,11 @@ def check_run_dir(cfg: Config, classes: list[str]) -> None:
     saved = Path(cfg.run.out) / "config.json"
     if saved.is_file():
         old = json.loads(saved.read_text())
-        mismatched = [f"{s}.{k}" for s, k in (("model", "width"), ("data", "image_size"))
-                      if old["config"][s][k] != getattr(getattr(cfg, s), k)]
+        # model options absent from an older config.json had the values of the paper's net then
+        legacy = {ckpt.CONFIG_NAMES[k]: v for k, v in ckpt.VARIANT_DEFAULTS.items()}
+        keys = [("model", "width"), ("data", "image_size")] + [("model", k) for k in legacy]
+        mismatched = [f"{s}.{k}" for s, k in keys
+                      if old["config"][s].get(k, legacy.get(k)) != getattr(getattr(cfg, s), k)]
         if old["classes"] != classes:
             mismatched.append("classes")
         if mismatched:

@@ -37,7 +37,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from trainer.model import COLUMNS, AlexNet, ColumnLRN
 
@@ -176,7 +175,9 @@ class TwoColumnAlexNet(nn.Module):
             self.fc8.weight.copy_(model.fc8.weight)
             self.fc8.bias.copy_(model.fc8.bias)
         lrn = model.lrn   # each column normalises its own maps: ColumnLRN over one column
-        self.lrn = ColumnLRN(1, size=lrn.size, alpha=lrn.alpha, beta=lrn.beta, k=lrn.k)
+        self.lrn = ColumnLRN(1, size=lrn.size, alpha=lrn.alpha, beta=lrn.beta, k=lrn.k) \
+            if isinstance(lrn, ColumnLRN) else nn.Identity()
+        self.act = model.act
         self.pool = nn.MaxPool2d(model.pool.kernel_size, model.pool.stride)
         self.dropout = nn.Dropout(model.dropout.p)
         self.train(model.training)
@@ -249,21 +250,23 @@ class TwoColumnAlexNet(nn.Module):
             with self._stream_context(c):
                 image_per_column.append(self._fetch(images, source, c))
 
+        act = self.act
+
         def conv1_conv2(c, x):      # each column only its own maps
-            x = self.pool(self.lrn(F.relu(self.conv1.columns[c](x))))
-            return self.pool(self.lrn(F.relu(self.conv2.columns[c](x))))
+            x = self.pool(self.lrn(act(self.conv1.columns[c](x))))
+            return self.pool(self.lrn(act(self.conv2.columns[c](x))))
 
         def conv3_conv4_conv5(c, x):    # x: both columns' conv2 maps; conv4, conv5 see their own column only
-            x = F.relu(self.conv3.columns[c](x))
-            x = F.relu(self.conv4.columns[c](x))
+            x = act(self.conv3.columns[c](x))
+            x = act(self.conv4.columns[c](x))
             # flattening each column's (N, C/2, 6, 6) and joining them keeps AlexNet's channel-major order
-            return torch.flatten(self.pool(F.relu(self.conv5.columns[c](x))), 1)
+            return torch.flatten(self.pool(act(self.conv5.columns[c](x))), 1)
 
         def fc6(c, x):
-            return self.dropout(F.relu(self.fc6.columns[c](x)))
+            return self.dropout(act(self.fc6.columns[c](x)))
 
         def fc7(c, x):
-            return self.dropout(F.relu(self.fc7.columns[c](x)))
+            return self.dropout(act(self.fc7.columns[c](x)))
 
         maps = self._per_column(conv1_conv2, image_per_column)
         maps = self._per_column(conv3_conv4_conv5, self._cross(maps))
@@ -285,4 +288,7 @@ def split_two_devices(model: AlexNet, devices: Sequence[torch.device | str], con
     devices = _normalise_devices(devices)
     if not isinstance(model, AlexNet):
         raise ValueError(f"split_two_devices splits trainer.model.AlexNet, got {type(model).__name__}")
+    if getattr(model, "columns", COLUMNS) != COLUMNS:
+        raise ValueError(f"split_two_devices places the two columns of the paper's net on two devices; this "
+                         f"AlexNet has model.columns={model.columns}: use --parallel data or model.columns=2")
     return TwoColumnAlexNet(model, devices, concurrent=concurrent)

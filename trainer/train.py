@@ -51,13 +51,14 @@ class Placement:
 
 def build_model(cfg: Config, num_classes: int) -> AlexNet:
     return AlexNet(num_classes, width=cfg.model.width, dropout=cfg.model.dropout, init=cfg.model.init,
-                   image_size=cfg.data.image_size)
+                   image_size=cfg.data.image_size, **cfg.model.build_args())
 
 
 def model_file(net: torch.nn.Module, cfg: Config, classes: list[str], record: dict[str, Any]) -> dict:
     """The plain model file (last.pt / best.pt): state dict + what eval/predict need to rebuild it."""
     return {"model": ckpt.plain_state_dict(net),
             "meta": {"classes": list(classes), "width": cfg.model.width, "dropout": cfg.model.dropout,
+                     **cfg.model.build_args(),
                      "image_size": cfg.data.image_size, "resize_shorter": cfg.data.shorter_side(),
                      "preset": cfg.preset, "epoch": record["epoch"],
                      "val_top1": record["val_top1"], "val_top5": record["val_top5"]}}
