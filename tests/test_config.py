@@ -40,6 +40,8 @@ def test_paper_preset_is_section_5_of_the_paper():
     assert cfg.optim.label_smoothing == 0 and cfg.optim.grad_clip == 0 and cfg.train.precision == "fp32"
     assert cfg.data.image_size == 224 and cfg.data.shorter_side() == 256 and cfg.data.crop == "paper"
     assert cfg.data.lighting and cfg.data.flip
+    # section 2: "subtracting the mean activity over the training set from each pixel", raw 0-255 otherwise
+    assert cfg.data.normalize == "mean"
 
 
 def test_paper_model_init_and_parameter_count():
@@ -64,6 +66,7 @@ def test_modern_is_default_and_scales_lr_with_global_batch():
     cfg = build_config(flags={"train.batch_size": 512}, need_data=False)
     assert cfg.peak_lr() == pytest.approx(modern_preset().optim.lr * 2)
     assert cfg.model.init == "kaiming" and cfg.schedule.kind == "cosine" and cfg.optim.label_smoothing > 0
+    assert cfg.data.normalize == "standard"
     assert not cfg.use_bf16() and not cfg.use_compile()          # CPU workers: fp32, eager
     cfg.run.gpus_per_worker = 1
     assert cfg.use_bf16() and cfg.use_channels_last() and cfg.use_compile()
@@ -242,7 +245,9 @@ def test_loader_config_carries_the_run_settings(tmp_path):
     assert (lcfg.shard_dir, lcfg.rank, lcfg.world_size, lcfg.device, lcfg.batch_size) == (str(tmp_path), 1, 2, "cpu", 16)
     assert (lcfg.seed, lcfg.crop, lcfg.image_size, lcfg.resize_shorter) == (7, "rrc", 64, 73)
     assert (lcfg.num_threads, lcfg.num_workers, lcfg.ten_crop, lcfg.layout, lcfg.dtype) == (3, 3, True, "NCHW", "float32")
-    assert lcfg.lighting is True and lcfg.flip is True
+    assert lcfg.lighting is True and lcfg.flip is True and lcfg.normalize == "mean"
+    cfg.data.normalize = "standard"
+    assert cfg.loader_config(str(tmp_path), rank=0, world_size=1, device="cpu", batch_size=8).normalize == "standard"
     cfg.train.channels_last = "on"
     assert cfg.loader_config(str(tmp_path), rank=0, world_size=1, device="cpu", batch_size=8).layout == "NHWC"
 

@@ -237,7 +237,8 @@ def model_meta(obj: dict[str, Any], path: str | os.PathLike = "checkpoint") -> d
             cfg = obj["config"]
             meta = {"classes": obj["classes"], "width": cfg["model"]["width"],
                     "image_size": cfg["data"]["image_size"], "dropout": cfg["model"]["dropout"],
-                    "resize_shorter": cfg["data"].get("resize_shorter", 0), "epoch": obj.get("epoch", 0)}
+                    "resize_shorter": cfg["data"].get("resize_shorter", 0), "epoch": obj.get("epoch", 0),
+                    "normalize": cfg["data"].get("normalize", LEGACY_NORMALIZE)}
             meta.update({key: cfg["model"][name] for key, name in CONFIG_NAMES.items() if name in cfg["model"]})
         except (KeyError, TypeError, AttributeError):
             raise ValueError(f"{path}: neither 'meta' nor a complete training state ('classes' and a 'config' "
@@ -433,6 +434,16 @@ def architecture(state: Any, path: str | os.PathLike) -> dict[str, Any]:
     return {"widths": widths, "side": side, "num_classes": num_classes, "columns": columns}
 
 
+# Model files written before data.normalize existed were trained on (x - mean) / std inputs.
+LEGACY_NORMALIZE = "standard"
+
+
+def input_normalize(meta: dict[str, Any]) -> str:
+    """How the model's inputs were normalised (data.normalize): ``meta["normalize"]``, or "standard" for a
+    file written before the key existed."""
+    return meta.get("normalize", LEGACY_NORMALIZE)
+
+
 def check_meta(meta: dict[str, Any], arch: dict[str, Any], path: str | os.PathLike) -> None:
     """``meta`` well typed, within bounds and describing the model ``arch`` (from :func:`architecture`)."""
     from trainer.model import feature_map_size, scaled_widths
@@ -468,6 +479,8 @@ def check_meta(meta: dict[str, Any], arch: dict[str, Any], path: str | os.PathLi
     dropout = meta.get("dropout", 0.5)
     if not (_is_number(dropout) and 0 <= dropout < 1):
         raise ValueError(f"{path}: meta dropout {dropout!r} is not a number in [0, 1); {FIX}")
+    if input_normalize(meta) not in ("mean", "standard"):
+        raise ValueError(f"{path}: meta normalize {input_normalize(meta)!r} is not 'mean' or 'standard'; {FIX}")
     if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"{path}: meta classes is not a list of class names; {FIX}")
     if len(classes) != arch["num_classes"] or len(classes) < 2:

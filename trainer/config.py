@@ -21,6 +21,7 @@ be finite (NaN and inf are refused) and within these bounds:
 data.image_size                integer 63..1024 (63: the smallest input AlexNet's layers accept)
 data.resize_shorter            0 (= image_size * 256 / 224) or image_size..2048
 data.num_threads               integer 0..256 (0 = auto: run.cpus_per_worker on GPU workers, 2 on the CPU)
+data.normalize                 mean (x - mean, 0-255 scale: the paper, section 2) | standard ((x - mean) / std)
 model.width                    (0, 8]
 model.dropout                  [0, 1)
 model.init                     paper | kaiming
@@ -113,6 +114,9 @@ class DataConfig:
     crop: Literal["paper", "rrc"] = "paper"
     lighting: bool = True           # the paper's PCA lighting (section 4.1)
     flip: bool = True
+    # "mean": subtract the ImageNet mean, keep the 0-255 scale (the paper, section 2); "standard": also divide
+    # by the std (docs/pipeline.md, "Normalise")
+    normalize: Literal["mean", "standard"] = "mean"
     image_size: int = 224
     resize_shorter: int = 0         # 0: image_size * 256 / 224, the paper's 256 for 224
     num_threads: int = 0            # DALI CPU threads / DataLoader workers per rank; 0 = auto (Config.loader_threads)
@@ -122,7 +126,7 @@ class DataConfig:
 
     def validate(self) -> None:
         c = _Check("data", self)
-        for name in ("loader", "crop"):
+        for name in ("loader", "crop", "normalize"):
             c.choice(name)
         for name in ("lighting", "flip"):
             c.flag(name)
@@ -318,7 +322,7 @@ class Config:
         d = self.data
         return LoaderConfig(shard_dir=shard_dir, batch_size=batch_size, rank=rank, world_size=world_size,
                             device=str(device), seed=self.train.seed, crop=d.crop, lighting=d.lighting,
-                            flip=d.flip, image_size=d.image_size, resize_shorter=d.shorter_side(),
+                            flip=d.flip, normalize=d.normalize, image_size=d.image_size, resize_shorter=d.shorter_side(),
                             layout="NHWC" if self.use_channels_last() else "NCHW", dtype="float32",
                             num_threads=self.loader_threads(), num_workers=self.loader_threads(), ten_crop=ten_crop)
 
@@ -386,7 +390,8 @@ class Config:
 def paper_preset() -> Config:
     """Section 5 of the paper, nothing added: SGD, momentum 0.9, weight decay 0.0005 on every weight,
     lr 0.01 divided by 10 when validation error stops improving (at most three times), batch 128,
-    90 epochs, weights N(0, 0.01) with biases 1 in conv2/4/5 and fc6/7, fp32."""
+    90 epochs, weights N(0, 0.01) with biases 1 in conv2/4/5 and fc6/7, fp32, inputs centred on the 0-255
+    scale (section 2)."""
     return Config(preset="paper")  # the dataclass defaults *are* the paper
 
 
@@ -394,6 +399,7 @@ def modern_preset() -> Config:
     """A faster recipe for the same network; each choice is explained in docs/training.md ("Presets")."""
     return Config(
         preset="modern",
+        data=DataConfig(normalize="standard"),
         model=ModelConfig(init="kaiming"),
         optim=OptimConfig(lr=0.02, lr_reference_batch=256, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           decay_biases=False, label_smoothing=0.1, grad_clip=5.0),

@@ -60,7 +60,7 @@ def model_file(net: torch.nn.Module, cfg: Config, classes: list[str], record: di
             "meta": {"classes": list(classes), "width": cfg.model.width, "dropout": cfg.model.dropout,
                      **cfg.model.build_args(),
                      "image_size": cfg.data.image_size, "resize_shorter": cfg.data.shorter_side(),
-                     "preset": cfg.preset, "epoch": record["epoch"],
+                     "normalize": cfg.data.normalize, "preset": cfg.preset, "epoch": record["epoch"],
                      "val_top1": record["val_top1"], "val_top5": record["val_top5"]}}
 
 
@@ -190,7 +190,8 @@ class Trainer:
         """Validate, log, write the model files and save the training state."""
         cfg, device = self.cfg, self.device
         train_time = time.perf_counter() - t0
-        train_loss_sum, train_seen = all_reduce_sum([float(self.progress.loss_sum), int(self.progress.seen)], device)
+        train_loss_sum, train_seen, train_correct = all_reduce_sum(
+            [float(self.progress.loss_sum), int(self.progress.seen), int(self.progress.correct)], device)
         counts = evaluate(self.net, self.val_loader, device, bf16=cfg.use_bf16())
         v = dict(zip(("loss_sum", "top1", "top5", "n"),
                      all_reduce_sum([counts["loss_sum"], counts["top1"], counts["top5"], counts["n"]], device)))
@@ -200,7 +201,8 @@ class Trainer:
             self.scheduler.step(val_top1)
         is_best = val_top1 > self.best_top1
         self.best_top1 = max(self.best_top1, val_top1)
-        record = {"epoch": epoch, "train_loss": train_loss_sum / train_seen, "val_loss": v["loss_sum"] / v["n"],
+        record = {"epoch": epoch, "train_loss": train_loss_sum / train_seen, "train_top1": train_correct / train_seen,
+                  "val_loss": v["loss_sum"] / v["n"],
                   "val_top1": val_top1, "val_top5": val_top5, "val_n": int(v["n"]), "lr": lr_used,
                   "images_per_s": train_seen / train_time, "epoch_time_s": time.perf_counter() - t0,
                   "workers": self.world, "global_batch": self.batch * self.world,
