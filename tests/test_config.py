@@ -172,7 +172,8 @@ def test_every_float_key_refuses_nan_and_inf_naming_the_key(key, value, shown):
     ("optim.weight_decay=-0.1", "optim.weight_decay must be in [0, 1], got -0.1"),
     ("optim.grad_clip=-1", "optim.grad_clip must be in [0, 1e+06] (0 = off), got -1.0"),
     ("optim.label_smoothing=1", "optim.label_smoothing must be in [0, 1), got 1.0"),
-    ("schedule.patience=-1", "schedule.patience must be an integer >= 0, got -1"),
+    ("schedule.patience=0", "schedule.patience must be an integer >= 1, got 0"),
+    ("schedule.min_delta=1.5", "schedule.min_delta must be in [0, 1), got 1.5"),
     ("schedule.max_reductions=-1", "schedule.max_reductions must be an integer >= 0, got -1"),
     ("schedule.warmup_epochs=-1", "schedule.warmup_epochs must be in [0, 10000], got -1.0"),
     ("schedule.warmup_start=0", "schedule.warmup_start must be in (0, 1], got 0.0"),
@@ -254,15 +255,43 @@ def test_loader_config_carries_the_run_settings(tmp_path):
 
 # ---- schedules --------------------------------------------------------------------------------
 
+def plateau_lrs(val_top1: list[float], **kw) -> list[float]:
+    """The lr each epoch trains with when epoch i (0-based) validates at val_top1[i]; one more than given."""
+    opt = one_param_optimizer(1.0)
+    sched = PlateauDivider(opt, **kw)
+    lrs = [opt.param_groups[0]["lr"]]
+    for top1 in val_top1:
+        sched.step(top1)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_plateau_drops_after_patience_epochs_without_improvement():
+    # epoch 1 is the best; epochs 2 and 3 do not improve: with patience 2, epoch 4 trains at lr / 10
+    assert plateau_lrs([0.1, 0.2, 0.2, 0.15], patience=2) == pytest.approx([1, 1, 1, 1, 0.1])
+    assert plateau_lrs([0.1, 0.2, 0.2], patience=1) == pytest.approx([1, 1, 1, 0.1])
+    # an improvement restarts the count; after a drop the count restarts too
+    assert plateau_lrs([0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.2], patience=2) == pytest.approx(
+        [1, 1, 1, 1, 1, 0.1, 0.1, 0.01])
+
+
+def test_plateau_min_delta_is_absolute_top1_and_small_gains_do_not_restart_the_count():
+    creeping = [0.5, 0.501, 0.5015, 0.5019]               # gains of 0.04-0.1 points: noise on ImageNet
+    assert plateau_lrs(creeping, patience=2, min_delta=0.0)[-1] == 1       # strict >: every gain counts
+    assert plateau_lrs(creeping, patience=2, min_delta=0.002) == pytest.approx([1, 1, 1, 0.1, 0.1])
+    # a gain larger than min_delta is an improvement, measured from the best that counted (0.5)
+    assert plateau_lrs([0.5, 0.501, 0.5021, 0.5021], patience=2, min_delta=0.002) == pytest.approx([1] * 5)
+
+
 def test_plateau_divides_by_ten_at_most_three_times():
     opt = one_param_optimizer(0.01)
     sched = PlateauDivider(opt, factor=0.1, patience=1, max_reductions=3)
     lrs = []
-    for top1 in [0.1, 0.2, 0.2, 0.2] + [0.2] * 20:     # improves twice, then never again
+    for top1 in [0.1, 0.2, 0.2] + [0.2] * 20:          # improves twice, then never again
         sched.step(top1)
         lrs.append(opt.param_groups[0]["lr"])
-    assert lrs[:3] == [0.01, 0.01, 0.01]
-    assert lrs[3] == pytest.approx(0.001)                # second epoch without a new best
+    assert lrs[:2] == [0.01, 0.01]
+    assert lrs[2] == pytest.approx(0.001)                # the first epoch without a new best (patience 1)
     assert lrs[-1] == pytest.approx(1e-5) and sched.reductions == 3
     restored = PlateauDivider(one_param_optimizer(), patience=1)
     restored.load_state_dict(sched.state_dict())
