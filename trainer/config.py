@@ -348,6 +348,15 @@ class Config:
     def use_bf16(self) -> bool:
         return self.train.precision == "bf16" or (self.train.precision == "auto" and self.on_gpu())
 
+    def use_tf32(self) -> bool:
+        """TF32 for float32 convolutions and matmuls on GPUs: only beside bf16 autocast. An fp32 run (the paper
+        preset, or auto on the CPU) computes in IEEE float32 (trainer/parallelize.py apply_float32_precision)."""
+        return self.use_bf16()
+
+    def precision_note(self) -> str:
+        """What the start line says about precision."""
+        return "bf16 autocast, TF32 on" if self.use_bf16() else "fp32, TF32 off"
+
     def use_channels_last(self) -> bool:
         return self.train.channels_last == "on" or (self.train.channels_last == "auto" and self.on_gpu())
 

@@ -193,8 +193,8 @@ def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
                  if local_mode else f"{cfg.run.workers} worker(s)")
         each = " + ".join(f"{v:g} {k}" for k, v in resources.items())
         print(f"[trainer] fit: {reason}; {where} x {each}, global batch {cfg.train.batch_size}, "
-              f"preset {cfg.preset}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, {len(classes)} classes, "
-              f"run dir {run_dir}", flush=True)
+              f"preset {cfg.preset}, {cfg.precision_note()}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, "
+              f"{len(classes)} classes, run dir {run_dir}", flush=True)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "classes": classes, "verbose": verbose},
