@@ -9,7 +9,7 @@ TORCH_VERSION  ?= 2.13.0
 TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo_data
 
-.PHONY: setup demo test fuzz bench clean
+.PHONY: setup demo ablate test fuzz bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ setup: $(VENV)/.installed
 
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)
+
+# The paper's design claims (LRN, overlapping pooling, two columns, dropout, ReLU, input scale, LRN alpha)
+# measured on the demo data at reduced width: docs/training.md, "Ablations". Rerunning resumes.
+ablate: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/ablate.sh $(DEMO_DIR)
 
 test: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
