@@ -107,3 +107,13 @@ def test_a_bad_variant_is_one_line_and_exit_2(args, message, digits_shards, tmp_
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused_before_anything_trains(interrupted, digits_shards, run_main):
+    out = interrupted["out"]
+    before = stamp(out / "base" / "seed0")
+    r = run_main("trainer", "ablate", "--train", digits_shards.train, "--val", digits_shards.val, "--out", out,
+                 "--variants", "no-lrn", *TINY, "--set", "optim.lr=0.5")
+    assert r.returncode == 2, r.stderr
+    assert "holds a run with other settings: optim.lr (" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert stamp(out / "base" / "seed0") == before

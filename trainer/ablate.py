@@ -30,6 +30,7 @@ class Variant:
     overrides: dict[str, Any]
     paper: str = "not reported"                  # what the paper reports for this change
     paper_delta: tuple[float, float] | None = None   # its top-1 / top-5 error change, points
+    custom: bool = False                         # defined on the command line (--variant)
 
 
 # The paper's claims (sections 3.1-3.4, 4.2). Deltas are error(variant) - error(paper's net), in points.
@@ -62,7 +63,7 @@ def parse_variant(text: str) -> Variant:
         overrides = parse_set([item for item in rest.split(",") if item.strip()])
     except ValueError as e:
         raise ValueError(f"--variant {name}: {e}") from None
-    return Variant(name, overrides, "your variant")
+    return Variant(name, overrides, "your variant", custom=True)
 
 
 def choose_variants(base: Config, names: list[str] | None, custom: list[Variant]) -> list[Variant]:
@@ -70,8 +71,12 @@ def choose_variants(base: Config, names: list[str] | None, custom: list[Variant]
     base plus every custom one. A built-in variant the base already is (e.g. ``normalize-mean`` on the paper
     preset) is left out by default: it would be a second copy of the base."""
     table = {v.name: v for v in VARIANTS}
+    seen: set[str] = set()
     for v in custom:
-        table[v.name] = v
+        if v.name in seen:
+            raise ValueError(f"--variant {v.name}: defined twice; give each variant its own name")
+        seen.add(v.name)
+        table[v.name] = v   # a --variant may redefine a built-in name
     if names:
         unknown = [n for n in names if n not in table]
         if unknown:
@@ -79,7 +84,7 @@ def choose_variants(base: Config, names: list[str] | None, custom: list[Variant]
                              f"(or define one with --variant NAME=section.key=value)")
         chosen = [table[n] for n in dict.fromkeys(names)]
         return chosen + [v for v in custom if v.name not in names]
-    return [v for v in VARIANTS if changes(base, v)] + custom
+    return [v for v in VARIANTS if v.name not in seen and changes(base, v)] + custom
 
 
 def changes(base: Config, variant: Variant) -> bool:
@@ -88,7 +93,7 @@ def changes(base: Config, variant: Variant) -> bool:
 
 def variant_config(base: Config, variant: Variant) -> Config:
     cfg = copy.deepcopy(base)
-    label = "--variant " + variant.name if variant.paper == "your variant" else f"variant {variant.name}"
+    label = f"--variant {variant.name}" if variant.custom else f"variant {variant.name}"
     return apply_overrides(cfg, variant.overrides, label)
 
 
@@ -119,6 +124,28 @@ class Plan:
         return plan
 
 
+# What may differ between an ablation's rerun and the runs it finds: where the data is read from and how fast
+# (paths are made absolute by fit, "auto" workers resolved), logging, and injected faults.
+RUN_ONLY = {"data": {"train", "val", "stage_to", "loader", "num_threads"}, "train": {"log_every", "checkpoint_every"},
+            "run": None, "fault": None}
+
+
+def mismatch(cfg: Config) -> list[str]:
+    """The config keys on which the run already in ``cfg.run.out`` (its config.json) differs from ``cfg``."""
+    saved = Path(cfg.run.out) / "config.json"
+    if not saved.is_file():
+        return []
+    old, new = json.loads(saved.read_text())["config"], cfg.to_dict()
+    keys = []
+    for section, values in new.items():
+        if not isinstance(values, dict) or (section in RUN_ONLY and RUN_ONLY[section] is None):
+            continue
+        for key, value in values.items():
+            if key not in RUN_ONLY.get(section, set()) and key in old.get(section, {}) and old[section][key] != value:
+                keys.append(f"{section}.{key} ({old[section][key]!r} there, {value!r} now)")
+    return keys
+
+
 def finished(cfg: Config) -> bool:
     """All of the run's epochs are in its metrics.jsonl and its model file is written, or it stopped on purpose."""
     run = Path(cfg.run.out)
@@ -134,6 +161,11 @@ def run_ablation(plan: Plan, verbose: bool = False, log=print) -> dict[str, Any]
 
     started = time.perf_counter()
     total = len(plan.runs)
+    for (name, seed), cfg in plan.runs.items():   # refuse before anything trains
+        differ = mismatch(cfg)
+        if differ:
+            raise ValueError(f"{cfg.run.out} holds a run with other settings: {', '.join(differ[:3])}; rerun the "
+                             f"ablation with its settings or pass a new --out")
     for i, ((name, seed), cfg) in enumerate(plan.runs.items(), 1):
         if finished(cfg):
             log(f"[ablate] {i}/{total} {name} seed {seed}: finished earlier, kept ({cfg.run.out})")
