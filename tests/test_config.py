@@ -353,6 +353,16 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
 
 
+def test_rng_state_covers_every_cuda_device_a_worker_uses_once_in_order():
+    """A --parallel model worker draws dropout masks on two GPUs: both generators are saved and restored, in the
+    worker's device order (the indices themselves may change between runs). CPU devices add nothing."""
+    from trainer.checkpoint import _cuda_devices
+
+    assert _cuda_devices(["cuda:1", "cuda:0", "cuda:1", "cpu"]) == [torch.device("cuda:1"), torch.device("cuda:0")]
+    assert _cuda_devices(["cuda:0", "cuda:0"]) == [torch.device("cuda:0")]        # two columns on one GPU
+    assert _cuda_devices([torch.device("cpu")] * 2) == [] and "cuda" not in ckpt.rng_state(["cpu", "cpu"])
+
+
 def test_load_rejects_bad_files_with_the_path(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,8 +50,24 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as weights_only-safe values (tensors, ints, lists)."""
+def _cuda_devices(devices: Sequence[torch.device | str] | None) -> list[torch.device]:
+    """The distinct CUDA devices among ``devices``, in order (None: the current one, once CUDA is in use)."""
+    if devices is None:
+        initialised = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return [torch.device("cuda", torch.cuda.current_device())] if initialised else []
+    out = []
+    for d in map(torch.device, devices):
+        if d.type == "cuda":
+            d = torch.device("cuda", torch.cuda.current_device() if d.index is None else d.index)
+            if d not in out:
+                out.append(d)
+    return out
+
+
+def rng_state(devices: Sequence[torch.device | str] | None = None) -> dict[str, Any]:
+    """This process's RNG states as weights_only-safe values (tensors, ints, lists): torch's CPU generator,
+    numpy's, Python's and the generator of every CUDA device in ``devices`` (a worker's devices: two GPUs
+    for run.parallel=model, whose columns draw dropout masks on their own GPU), as a list in that order."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -59,20 +75,26 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    cuda = _cuda_devices(devices)
+    if cuda:
+        state["cuda"] = [torch.cuda.get_rng_state(d) for d in cuda]
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], devices: Sequence[torch.device | str] | None = None) -> None:
+    """Restore :func:`rng_state`'s states, the CUDA ones onto ``devices``' CUDA devices in the same order
+    (device indices may differ between runs: Ray assigns them)."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    saved = state.get("cuda")
+    if saved is not None and torch.cuda.is_available():
+        saved = [saved] if isinstance(saved, torch.Tensor) else saved   # older files: one device's state
+        for device, cuda_state in zip(_cuda_devices(devices), saved):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 CHECKPOINT_PREFIX = "checkpoint_"   # Ray Train's name for a checkpoint directory on the storage path

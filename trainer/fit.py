@@ -92,15 +92,18 @@ def worker_error(error: BaseException) -> BaseException:
 
 
 def check_run_dir(cfg: Config, classes: list[str]) -> None:
-    """A rerun with the same RUN_DIR resumes; refuse one whose model would not load the saved weights."""
+    """A rerun with the same RUN_DIR resumes; refuse one whose model would not load the saved weights, whose
+    inputs differ (data.normalize) or whose training state has another shape (run.parallel: the split model's
+    optimizer state and per-device RNG states load only into the same mode)."""
     saved = Path(cfg.run.out) / "config.json"
     if saved.is_file():
         old = json.loads(saved.read_text())
-        # model options absent from an older config.json had the values of the paper's net then
-        legacy = {ckpt.CONFIG_NAMES[k]: v for k, v in ckpt.VARIANT_DEFAULTS.items()}
-        keys = [("model", "width"), ("data", "image_size")] + [("model", k) for k in legacy]
+        # keys absent from an older config.json had these values then: the paper's net, (x - mean) / std inputs
+        legacy = {("model", ckpt.CONFIG_NAMES[k]): v for k, v in ckpt.VARIANT_DEFAULTS.items()}
+        legacy[("data", "normalize")] = ckpt.LEGACY_NORMALIZE
+        keys = [("model", "width"), ("data", "image_size"), ("run", "parallel"), *legacy]
         mismatched = [f"{s}.{k}" for s, k in keys
-                      if old["config"][s].get(k, legacy.get(k)) != getattr(getattr(cfg, s), k)]
+                      if old["config"][s].get(k, legacy.get((s, k))) != getattr(getattr(cfg, s), k)]
         if old["classes"] != classes:
             mismatched.append("classes")
         if mismatched:

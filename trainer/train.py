@@ -124,7 +124,8 @@ class Trainer:
 
     def save_mid_epoch(self, at: Step) -> None:
         """Every rank's loader position, running totals and RNG state, then the checkpoint (all ranks call)."""
-        mine = {**self.progress.state_dict(), "loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
+        mine = {**self.progress.state_dict(), "loader": self.train_loader.state_dict(),
+                "rng": ckpt.rng_state(self.place.devices)}
         ranks = gather(mine)
         rng = [r.pop("rng") for r in ranks]
         self.checkpointer.save({"epoch": at.epoch, "step": at.step + 1, "val_top1": -1.0, "mid_epoch": 1},
@@ -138,7 +139,7 @@ class Trainer:
             return
         self.epoch, self.best_top1 = state["epoch"] + 1, state["best_top1"]
         if len(state["rng"]) == self.world:
-            ckpt.set_rng_state(state["rng"][self.rank])
+            ckpt.set_rng_state(state["rng"][self.rank], self.place.devices)
         ranks = state.get("ranks")   # set by a mid-epoch checkpoint: every rank's position in the epoch
         if ranks and len(ranks) == self.world:
             self.step = state["step"]
@@ -207,7 +208,7 @@ class Trainer:
                   "images_per_s": train_seen / train_time, "epoch_time_s": time.perf_counter() - t0,
                   "workers": self.world, "global_batch": self.batch * self.world,
                   "skipped_steps": int(all_reduce_sum([int(self.progress.skipped)], device)[0]) // self.world}
-        rng = gather(ckpt.rng_state())
+        rng = gather(ckpt.rng_state(self.place.devices))
         if cfg.run.save_rank_states:
             ckpt.atomic_save(ckpt.plain_state_dict(self.net), self.run_dir / "rank_states" / f"rank{self.rank}.pt")
         if self.rank == 0:
