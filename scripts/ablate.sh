@@ -21,6 +21,6 @@ start=$(date +%s)
 python -m trainer ablate --train "$DATA/shards/train" --val "$DATA/shards/val" --out "$OUT" \
     --base-preset modern --seeds "${ABLATE_SEEDS:-2}" --epochs "${ABLATE_EPOCHS:-3}" --workers 0 \
     --batch-size 64 --width 0.125 --set data.normalize=mean --set data.image_size=64 --set data.flip=false \
-    --set data.num_threads=1 --set train.log_every=100 ${ABLATE_ARGS:-}
+    --set data.num_threads=1 --set train.log_every=100 --train-error-threshold 0.75 ${ABLATE_ARGS:-}
 echo "== wall time $(( $(date +%s) - start )) s; table: $OUT/ablation.md"
 cat "$OUT/ablation.md"

@@ -127,10 +127,21 @@ VARIANTS = [{"columns": 1}, {"pool": "non-overlapping"}, {"lrn": False, "activat
 def test_a_model_file_rebuilds_its_variant(variant, tmp_path):
     torch.manual_seed(0)
     net = AlexNet(10, width=0.1, image_size=112, **variant).eval()
+    variant = {"lrn_alpha": "cuda-convnet", **variant}   # the default, which a model file states (train.py)
     ckpt.atomic_save(model_file(net, variant), tmp_path / "best.pt")
     loaded, meta = load_model(str(tmp_path / "best.pt"))
     assert {k: meta[k] for k in variant} == variant
     x = torch.randn(1, 3, 112, 112)
+    assert torch.equal(loaded(x), net(x))
+
+
+def test_a_model_file_from_before_the_options_is_the_paper_alpha_net(tmp_path):
+    torch.manual_seed(0)
+    net = AlexNet(10, width=0.1, image_size=112, lrn_alpha="paper").eval()   # what every older file was
+    ckpt.atomic_save(model_file(net, {}), tmp_path / "old.pt")
+    loaded, _ = load_model(str(tmp_path / "old.pt"))
+    assert loaded.lrn.alpha == LRN_ALPHA and AlexNet(10, width=0.1, image_size=112).lrn.alpha == LRN_ALPHA / 5
+    x = torch.randn(1, 3, 112, 112) * 60
     assert torch.equal(loaded(x), net(x))
 
 

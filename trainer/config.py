@@ -26,7 +26,7 @@ model.width                    (0, 8]
 model.dropout                  [0, 1)
 model.init                     paper | kaiming
 model.lrn                      true | false (response normalisation after conv1 and conv2)
-model.lrn_alpha_convention     paper (1e-4 per squared neighbour) | cuda-convnet (1e-4 / 5 = 2e-5 per term)
+model.lrn_alpha_convention     cuda-convnet (1e-4 / 5 = 2e-5 per squared neighbour) | paper (1e-4 per term)
 model.pool                     overlapping (3x3, stride 2) | non-overlapping (2x2, stride 2)
 model.columns                  integer 1..2 (1: the one-GPU net, conv1-conv4 halved; not with run.parallel=model)
 model.activation               relu | tanh
@@ -145,8 +145,9 @@ class ModelConfig:
     init: Literal["paper", "kaiming"] = "paper"
     # the variants below default to the paper's net; trainer/model.py's docstring says what each changes
     lrn: bool = True                # response normalisation after conv1 and conv2 (section 3.3)
-    # alpha = 1e-4 per squared neighbour (the paper's formula) or 1e-4 / n = 2e-5 (cuda-convnet, Caffe, torch)
-    lrn_alpha_convention: Literal["paper", "cuda-convnet"] = "paper"
+    # alpha = 1e-4 / n = 2e-5 per squared neighbour (cuda-convnet, which trained the paper's nets; Caffe, torch)
+    # or 1e-4 (the paper's formula as printed); the default is measured: docs/training.md, "Model options"
+    lrn_alpha_convention: Literal["paper", "cuda-convnet"] = "cuda-convnet"
     pool: Literal["overlapping", "non-overlapping"] = "overlapping"   # 3x3 stride 2, or 2x2 stride 2
     columns: int = 2                # 2: the paper's two-GPU net; 1: its one-GPU comparison net (section 3.2)
     activation: Literal["relu", "tanh"] = "relu"

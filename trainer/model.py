@@ -33,10 +33,11 @@ defaults to the paper's choice:
 
 - ``lrn=False`` drops both response normalisations (section 3.3 reports +1.4 / +1.2 points top-1 / top-5
   error without them).
-- ``lrn_alpha``: how the paper's alpha = 1e-4 is read. ``"paper"``: 1e-4 multiplies the sum of the n = 5
-  squared neighbours, as section 3.3's formula is written. ``"cuda-convnet"``: 1e-4 / n = 2e-5 per squared
-  neighbour, what Krizhevsky's cuda-convnet (which divides its configured scale by the window size), Caffe
-  and ``torch.nn.LocalResponseNorm(alpha=1e-4)`` compute.
+- ``lrn_alpha``: how the paper's alpha = 1e-4 is read. ``"cuda-convnet"`` (the default, chosen by measurement:
+  docs/training.md, "Model options"): 1e-4 / n = 2e-5 per squared neighbour, what Krizhevsky's cuda-convnet
+  (which divides its configured scale by the window size), Caffe and ``torch.nn.LocalResponseNorm(alpha=1e-4)``
+  compute. ``"paper"``: 1e-4 multiplies the sum of the n = 5 squared neighbours, as section 3.3's formula is
+  printed.
 - ``pool="non-overlapping"``: 2x2 max-pools with stride 2 instead of 3x3 with stride 2 (section 3.4: +0.4 /
   +0.3 points). At 224 the maps keep their sizes (55 -> 27 -> 13 -> 6); at some smaller inputs conv5's
   pooled maps are one pixel larger, and fc6's input follows (``feature_map_size``).
@@ -126,8 +127,9 @@ class AlexNet(nn.Module):
     """The paper's eight learned layers. ``width`` scales every conv and fc width (1.0 = the paper)."""
 
     def __init__(self, num_classes: int = 1000, width: float = 1.0, dropout: float = DROPOUT,
-                 init: str = "paper", image_size: int = 224, *, lrn: bool = True, lrn_alpha: str = "paper",
-                 pool: str = "overlapping", columns: int = COLUMNS, activation: str = "relu"):
+                 init: str = "paper", image_size: int = 224, *, lrn: bool = True,
+                 lrn_alpha: str = "cuda-convnet", pool: str = "overlapping", columns: int = COLUMNS,
+                 activation: str = "relu"):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
