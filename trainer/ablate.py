@@ -214,7 +214,7 @@ def summary(values: list[float]) -> dict[str, float] | None:
 
 def build_report(plan: Plan, wall_s: float) -> dict[str, Any]:
     rows = []
-    for variant in [Variant(BASE, {}, "the paper's net" if plan.base.preset == "paper" else "")] + plan.variants:
+    for variant in [Variant(BASE, {}, "the paper's net" if plan.base.preset == "paper" else "-")] + plan.variants:
         runs = [run_result(plan.runs[(variant.name, seed)], plan.threshold) for seed in plan.seeds]
         done = [r for r in runs if r["status"] == "done"]
         row = {"name": variant.name, "overrides": variant.overrides, "paper": variant.paper,
@@ -231,7 +231,11 @@ def build_report(plan: Plan, wall_s: float) -> dict[str, Any]:
     for row in rows:
         for key in ("top1_error", "top5_error"):
             row[f"delta_{key}"] = (row[key]["mean"] - base[key]["mean"]) if row[key] and base[key] else None
+    b = plan.base
+    described = {"data.normalize": b.data.normalize, "model.lrn_alpha_convention": b.model.lrn_alpha_convention,
+                 "model.init": b.model.init, "schedule.kind": b.schedule.kind, "train.batch_size": b.train.batch_size}
     return {"format": "alexnet-pipeline-ablation/1", "out": str(plan.out), "preset": plan.base.preset,
+            "base": described,
             "seeds": plan.seeds, "epochs": plan.base.train.epochs, "width": plan.base.model.width,
             "image_size": plan.base.data.image_size, "train_error_threshold": plan.threshold,
             "train": plan.base.data.train, "val": plan.base.data.val, "wall_s": wall_s, "variants": rows}
@@ -249,25 +253,29 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Ablation: preset {report['preset']}, width {report['width']:g}, image size {report['image_size']}, "
              f"{report['epochs']} epochs, seeds {', '.join(map(str, report['seeds']))}",
              "",
+             "Base: " + ", ".join(f"{k}={v}" for k, v in report["base"].items()) + ".",
+             "",
              "Errors in % on the val set after the last epoch (mean ± std over seeds); Δ = variant - base, in "
              "points; the paper's Δ is for ImageNet at full width (top-1 / top-5). Train error: the training "
              "forward passes' top-1 misses in the last epoch (augmented crops, dropout on).",
              "",
              f"| variant | overrides | top-1 err | top-5 err | Δ top-1 | Δ top-5 | paper | train err | "
-             f"val-train gap | epochs to {t:g} % train err |",
+             f"val-train gap | epochs to {t:g} % train err (per seed) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["variants"]:
         overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "-"
-        delta = [f"{100 * d:+.1f}" if d is not None else "-" for d in (row["delta_top1_error"], row["delta_top5_error"])]
-        reached = row["epochs_to_threshold"]
-        epochs = (f"{reached['mean']:.1f}" if reached else
-                  ("not reached" if any(r["status"] == "done" for r in row["runs"]) else "-"))
+        delta = [f"{100 * d:+.1f}" if d is not None else "-"
+                 for d in (row["delta_top1_error"], row["delta_top5_error"])]
+        # per seed: the first epoch at or below the threshold, "no" where the run's epochs never got there
+        epochs = " / ".join(str(r["epochs_to_threshold"] or "no") for r in row["runs"] if r["status"] == "done") or "-"
         status = {r["status"].split(":")[0] for r in row["runs"]} - {"done"}
         name = row["name"] + (f" ({', '.join(sorted(status))})" if status else "")
         lines.append(f"| {name} | {overrides} | {pct(row['top1_error'])} | {pct(row['top5_error'])} | "
                      f"{delta[0]} | {delta[1]} | {row['paper']} | {pct(row['train_error'])} | "
                      f"{pct(row['gap'], signed=True)} | {epochs} |")
-    lines += ["", f"Wall time of this invocation: {report['wall_s']:.0f} s. Data: {report['train']} / {report['val']}.", ""]
+    trained = sum(r.get("wall_s", 0.0) for row in report["variants"] for r in row["runs"])
+    lines += ["", f"Wall time of this invocation: {report['wall_s']:.0f} s (the runs' epochs: {trained:.0f} s in all). "
+              f"Data: {report['train']} / {report['val']}.", ""]
     return "\n".join(lines)
 
 
@@ -282,7 +290,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     x = range(len(rows))
     width = 0.2
     for i, (label, get) in enumerate([
-            ("measured Δ top-1", lambda r: r["delta_top1_error"]), ("measured Δ top-5", lambda r: r["delta_top5_error"]),
+            ("measured Δ top-1", lambda r: r["delta_top1_error"]),
+            ("measured Δ top-5", lambda r: r["delta_top5_error"]),
             ("paper Δ top-1", lambda r: r["paper_delta"] and r["paper_delta"][0] / 100),
             ("paper Δ top-5", lambda r: r["paper_delta"] and r["paper_delta"][1] / 100)]):
         values = [100 * v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0 for v in map(get, rows)]
