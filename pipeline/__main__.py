@@ -18,7 +18,7 @@ from pathlib import Path
 from shards.fileio import atomic_write
 
 from . import KINDS, LoaderConfig, make_train_loader
-from .config import CROPS, IMAGENET_MEAN_255, IMAGENET_STD_255
+from .config import CROPS, IMAGENET_MEAN_255
 
 
 def _config(args, **overrides) -> LoaderConfig:
@@ -53,7 +53,7 @@ def preview(args) -> None:
     loader = make_train_loader(cfg, kind=args.loader)
     images, labels = next(iter(loader))
     mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std_255).view(1, 3, 1, 1)
     pixels = (images.float().cpu() * std + mean).clamp(0, 255).round().to(torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1).numpy()                       # NHWC uint8, RGB
     size, caption = cfg.image_size, 16

@@ -15,6 +15,10 @@ import numpy as np
 # ImageNet RGB mean and standard deviation on the 0-255 scale (torchvision's figures x 255).
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# How pixels reach the network: "mean" subtracts the mean only and keeps the 0-255 scale (the paper, section
+# 2: centred raw RGB values, the scale its N(0, 0.01) init, unit biases and LRN constants were chosen for);
+# "standard" also divides by the std (about 58), torchvision's convention.
+NORMALIZATIONS = ("mean", "standard")
 
 # PCA of ImageNet RGB values on the 0-1 scale (from fb.resnet.torch; the paper, section 4.1).
 # Columns of PCA_EIGVEC are the eigenvectors p_i, PCA_EIGVAL the eigenvalues lambda_i.
@@ -43,6 +47,13 @@ def lighting_covariance_255(alpha_std: float = LIGHTING_STD) -> np.ndarray:
     return (m * alpha_std ** 2) @ m.T
 
 
+def divisor_255(normalize: str) -> tuple[float, float, float]:
+    """What each channel is divided by after the mean is subtracted: the std for "standard", 1 for "mean"."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r}: choose one of {NORMALIZATIONS}")
+    return IMAGENET_STD_255 if normalize == "standard" else (1.0, 1.0, 1.0)
+
+
 CROPS = ("paper", "rrc")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -55,7 +66,8 @@ class LoaderConfig:
     ``batch_size`` is per rank. ``device`` is ``"cpu"`` or ``"cuda:N"`` (the device Ray assigned):
     the DALI graph runs its operators there and the batches arrive there. ``lighting=None`` means the
     paper's default: on for ``crop="paper"``, off for ``crop="rrc"``. ``layout="NHWC"`` gives the same
-    logical (B, C, H, W) tensor in ``torch.channels_last`` memory format.
+    logical (B, C, H, W) tensor in ``torch.channels_last`` memory format. ``normalize``: ``"mean"``
+    (x - mean, 0-255 scale: the paper) or ``"standard"`` ((x - mean) / std).
     """
 
     shard_dir: str
@@ -67,6 +79,7 @@ class LoaderConfig:
     crop: str = "paper"            # "paper" (256 -> random 224) or "rrc" (random-resized-crop)
     lighting: bool | None = None   # PCA lighting; None = on for "paper", off for "rrc"
     flip: bool = True
+    normalize: str = "standard"    # "mean" (the paper: x - mean, 0-255 scale) or "standard" ((x - mean) / std)
     image_size: int = 224
     resize_shorter: int = 256
     layout: str = "NCHW"
@@ -99,6 +112,8 @@ class LoaderConfig:
             bad("seed", "must be a non-negative integer")
         if self.crop not in CROPS:
             bad("crop", f"choose one of {CROPS}")
+        if self.normalize not in NORMALIZATIONS:
+            bad("normalize", f"choose one of {NORMALIZATIONS}")
         if self.layout not in LAYOUTS:
             bad("layout", f"choose one of {LAYOUTS}")
         if self.dtype not in DTYPES:
@@ -121,6 +136,11 @@ class LoaderConfig:
     @property
     def use_lighting(self) -> bool:
         return self.crop == "paper" if self.lighting is None else self.lighting
+
+    @property
+    def std_255(self) -> tuple[float, float, float]:
+        """Per-channel divisor after subtracting the mean (0-255 scale): the std, or 1 for ``normalize="mean"``."""
+        return divisor_255(self.normalize)
 
     @property
     def device_id(self) -> int | None:

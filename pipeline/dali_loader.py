@@ -32,8 +32,8 @@ from nvidia.dali.pipeline import Pipeline
 
 from shards.manifest import ShardError
 
-from .config import (IMAGENET_MEAN_255, IMAGENET_STD_255, LIGHTING_STD, TEN_CROP_POSITIONS, LoaderConfig,
-                     derive_seed, lighting_matrix_255)
+from .config import (IMAGENET_MEAN_255, LIGHTING_STD, TEN_CROP_POSITIONS, LoaderConfig, derive_seed,
+                     lighting_matrix_255)
 from .loader import Loader, label_error
 from .shardset import ShardSet
 
@@ -96,7 +96,7 @@ def _lighting_mean(enabled: bool):
     """The paper's PCA lighting (section 4.1) folded into normalisation (see docs/pipeline.md).
 
     shift = V diag(lambda) alpha * 255 with alpha ~ N(0, 0.1)^3 drawn per image, and
-    (x + shift - mean) / std == (x - (mean - shift)) / std, so the per-sample ``mean`` of
+    (x + shift - mean) / std == (x - (mean - shift)) / std (std = 1 for ``normalize="mean"``), so the per-sample ``mean`` of
     crop_mirror_normalize carries it at no extra pass over the pixels (and, like the paper, without
     clipping at 0/255). Disabled, alpha has std 0: the graph keeps its shape, so the other
     operators' random streams, hence crops and flips, do not change with the flag.
@@ -117,7 +117,8 @@ def _graph(cfg: LoaderConfig, paths: list[str], index_paths: list[str], *, train
     gpu = cfg.device_id is not None
     decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, **ORIENTATION,
                   **(gpu_decoder_settings(cfg, max_size) if gpu else {}))
-    norm = dict(std=list(IMAGENET_STD_255), dtype=_DALI_DTYPES[cfg.dtype],
+    # std: the ImageNet std ("standard") or 1 ("mean": the paper's centred 0-255 values); same kernel either way
+    norm = dict(std=list(cfg.std_255), dtype=_DALI_DTYPES[cfg.dtype],
                 output_layout="CHW" if cfg.layout == "NCHW" else "HWC")
     size = cfg.image_size
     extras = []

@@ -35,7 +35,6 @@ from .loader import Loader, label_error
 from .shardset import Shard, ShardSet, rank_range
 
 _MEAN = np.array(IMAGENET_MEAN_255, dtype=np.float32)
-_STD = np.array(IMAGENET_STD_255, dtype=np.float32)
 _LIGHTING = lighting_matrix_255().astype(np.float32)
 
 
@@ -183,12 +182,15 @@ def crop_at(image: Image.Image, size: int, pos_x: float, pos_y: float, mirror: b
     return patch.transpose(Image.FLIP_LEFT_RIGHT) if mirror else patch
 
 
-def normalize(image: Image.Image, shift: np.ndarray | None = None) -> torch.Tensor:
-    """HWC uint8 -> CHW float32, (x + shift - mean) / std."""
+def normalize(image: Image.Image, shift: np.ndarray | None = None,
+              std: tuple[float, float, float] = IMAGENET_STD_255) -> torch.Tensor:
+    """HWC uint8 -> CHW float32, (x + shift - mean) / std; ``std`` is ``LoaderConfig.std_255`` (1 for
+    ``normalize="mean"``: centred 0-255 values)."""
     pixels = np.asarray(image, dtype=np.float32)
     if shift is not None:
         pixels = pixels + shift
-    return torch.from_numpy(np.ascontiguousarray(((pixels - _MEAN) / _STD).transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(((pixels - _MEAN) / np.array(std, dtype=np.float32))
+                                                 .transpose(2, 0, 1)))
 
 
 def train_transform(image: Image.Image, cfg: LoaderConfig, rng: random.Random) -> torch.Tensor:
@@ -206,15 +208,15 @@ def train_transform(image: Image.Image, cfg: LoaderConfig, rng: random.Random) -
     shift = None
     if cfg.use_lighting:
         shift = _LIGHTING @ np.array([rng.gauss(0.0, LIGHTING_STD) for _ in range(3)], dtype=np.float32)
-    return normalize(image, shift)
+    return normalize(image, shift, cfg.std_255)
 
 
 def eval_transform(image: Image.Image, cfg: LoaderConfig) -> torch.Tensor:
     image = resize_shorter(image, cfg.resize_shorter)
     if not cfg.ten_crop:
-        return normalize(crop_at(image, cfg.image_size, 0.5, 0.5))
+        return normalize(crop_at(image, cfg.image_size, 0.5, 0.5), std=cfg.std_255)
     square = crop_at(image, cfg.resize_shorter, 0.5, 0.5)
-    return torch.stack([normalize(crop_at(square, cfg.image_size, px, py, bool(m)))
+    return torch.stack([normalize(crop_at(square, cfg.image_size, px, py, bool(m)), std=cfg.std_255)
                         for m in (0, 1) for py, px in TEN_CROP_POSITIONS])
 
 

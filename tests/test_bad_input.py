@@ -27,7 +27,7 @@ import pytest
 
 from shards.tarfmt import ShardWriter
 from trainer.checkpoint import atomic_save
-from trainer.config import SECTIONS, Config, _field_types, build_config
+from trainer.config import SECTIONS, _field_types, build_config
 from trainer.train import build_model, model_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +130,13 @@ def world(digits_shards, tmp_path_factory) -> World:
 
     p["oldrun"] = tmp / "oldrun"  # a run dir whose config says width 0.25
     p["oldrun"].mkdir()
-    old = Config()
+    old = build_config(need_data=False)
     old.model.width, old.data.image_size = 0.25, 64
     (p["oldrun"] / "config.json").write_text(json.dumps({"config": old.to_dict(), "classes": classes}))
+    p["splitrun"] = tmp / "splitrun"  # a run dir of FIT's settings but trained with --parallel model
+    p["splitrun"].mkdir()
+    old = build_config(sets=["model.width=0.125", "data.image_size=64", "run.parallel=model"], need_data=False)
+    (p["splitrun"] / "config.json").write_text(json.dumps({"config": old.to_dict(), "classes": classes}))
     p["yaml"] = tmp / "typo.yaml"
     p["yaml"].write_text("train: {epochs: 2, batchsize: 64}\n")
     return w
@@ -211,6 +215,9 @@ CASES = [
     Case("fit: RUN_DIR of a different width", [*FIT[:5], "{oldrun}", *FIT[6:], "--train", "{train}"],
          "error: {oldrun}/config.json: this RUN_DIR holds a run with different model.width; resume with the same "
          "settings or pass a new --out", unwritten=("{oldrun}/ray", "{oldrun}/metrics.jsonl"), fresh=True),
+    Case("fit: RUN_DIR of another --parallel mode", [*FIT[:5], "{splitrun}", *FIT[6:], "--train", "{train}"],
+         "error: {splitrun}/config.json: this RUN_DIR holds a run with different run.parallel; resume with the same "
+         "settings or pass a new --out", unwritten=("{splitrun}/ray", "{splitrun}/metrics.jsonl")),
     Case("eval: not a checkpoint", ["trainer", "eval", "--checkpoint", "{notckpt}", "--data", "{val}"],
          "error: {notckpt}: not a readable checkpoint (IndexError: pop from empty list); use a file written by "
          "`python -m trainer fit`", unwritten=(), fresh=True),

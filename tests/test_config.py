@@ -40,6 +40,8 @@ def test_paper_preset_is_section_5_of_the_paper():
     assert cfg.optim.label_smoothing == 0 and cfg.optim.grad_clip == 0 and cfg.train.precision == "fp32"
     assert cfg.data.image_size == 224 and cfg.data.shorter_side() == 256 and cfg.data.crop == "paper"
     assert cfg.data.lighting and cfg.data.flip
+    # section 2: "subtracting the mean activity over the training set from each pixel", raw 0-255 otherwise
+    assert cfg.data.normalize == "mean"
 
 
 def test_paper_model_init_and_parameter_count():
@@ -64,6 +66,7 @@ def test_modern_is_default_and_scales_lr_with_global_batch():
     cfg = build_config(flags={"train.batch_size": 512}, need_data=False)
     assert cfg.peak_lr() == pytest.approx(modern_preset().optim.lr * 2)
     assert cfg.model.init == "kaiming" and cfg.schedule.kind == "cosine" and cfg.optim.label_smoothing > 0
+    assert cfg.data.normalize == "standard"
     assert not cfg.use_bf16() and not cfg.use_compile()          # CPU workers: fp32, eager
     cfg.run.gpus_per_worker = 1
     assert cfg.use_bf16() and cfg.use_channels_last() and cfg.use_compile()
@@ -169,7 +172,8 @@ def test_every_float_key_refuses_nan_and_inf_naming_the_key(key, value, shown):
     ("optim.weight_decay=-0.1", "optim.weight_decay must be in [0, 1], got -0.1"),
     ("optim.grad_clip=-1", "optim.grad_clip must be in [0, 1e+06] (0 = off), got -1.0"),
     ("optim.label_smoothing=1", "optim.label_smoothing must be in [0, 1), got 1.0"),
-    ("schedule.patience=-1", "schedule.patience must be an integer >= 0, got -1"),
+    ("schedule.patience=0", "schedule.patience must be an integer >= 1, got 0"),
+    ("schedule.min_delta=1.5", "schedule.min_delta must be in [0, 1), got 1.5"),
     ("schedule.max_reductions=-1", "schedule.max_reductions must be an integer >= 0, got -1"),
     ("schedule.warmup_epochs=-1", "schedule.warmup_epochs must be in [0, 10000], got -1.0"),
     ("schedule.warmup_start=0", "schedule.warmup_start must be in (0, 1], got 0.0"),
@@ -242,22 +246,52 @@ def test_loader_config_carries_the_run_settings(tmp_path):
     assert (lcfg.shard_dir, lcfg.rank, lcfg.world_size, lcfg.device, lcfg.batch_size) == (str(tmp_path), 1, 2, "cpu", 16)
     assert (lcfg.seed, lcfg.crop, lcfg.image_size, lcfg.resize_shorter) == (7, "rrc", 64, 73)
     assert (lcfg.num_threads, lcfg.num_workers, lcfg.ten_crop, lcfg.layout, lcfg.dtype) == (3, 3, True, "NCHW", "float32")
-    assert lcfg.lighting is True and lcfg.flip is True
+    assert lcfg.lighting is True and lcfg.flip is True and lcfg.normalize == "mean"
+    cfg.data.normalize = "standard"
+    assert cfg.loader_config(str(tmp_path), rank=0, world_size=1, device="cpu", batch_size=8).normalize == "standard"
     cfg.train.channels_last = "on"
     assert cfg.loader_config(str(tmp_path), rank=0, world_size=1, device="cpu", batch_size=8).layout == "NHWC"
 
 
 # ---- schedules --------------------------------------------------------------------------------
 
+def plateau_lrs(val_top1: list[float], **kw) -> list[float]:
+    """The lr each epoch trains with when epoch i (0-based) validates at val_top1[i]; one more than given."""
+    opt = one_param_optimizer(1.0)
+    sched = PlateauDivider(opt, **kw)
+    lrs = [opt.param_groups[0]["lr"]]
+    for top1 in val_top1:
+        sched.step(top1)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_plateau_drops_after_patience_epochs_without_improvement():
+    # epoch 1 is the best; epochs 2 and 3 do not improve: with patience 2, epoch 4 trains at lr / 10
+    assert plateau_lrs([0.1, 0.2, 0.2, 0.15], patience=2) == pytest.approx([1, 1, 1, 1, 0.1])
+    assert plateau_lrs([0.1, 0.2, 0.2], patience=1) == pytest.approx([1, 1, 1, 0.1])
+    # an improvement restarts the count; after a drop the count restarts too
+    assert plateau_lrs([0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.2], patience=2) == pytest.approx(
+        [1, 1, 1, 1, 1, 0.1, 0.1, 0.01])
+
+
+def test_plateau_min_delta_is_absolute_top1_and_small_gains_do_not_restart_the_count():
+    creeping = [0.5, 0.501, 0.5015, 0.5019]               # gains of 0.04-0.1 points: noise on ImageNet
+    assert plateau_lrs(creeping, patience=2, min_delta=0.0)[-1] == 1       # strict >: every gain counts
+    assert plateau_lrs(creeping, patience=2, min_delta=0.002) == pytest.approx([1, 1, 1, 0.1, 0.1])
+    # a gain larger than min_delta is an improvement, measured from the best that counted (0.5)
+    assert plateau_lrs([0.5, 0.501, 0.5021, 0.5021], patience=2, min_delta=0.002) == pytest.approx([1] * 5)
+
+
 def test_plateau_divides_by_ten_at_most_three_times():
     opt = one_param_optimizer(0.01)
     sched = PlateauDivider(opt, factor=0.1, patience=1, max_reductions=3)
     lrs = []
-    for top1 in [0.1, 0.2, 0.2, 0.2] + [0.2] * 20:     # improves twice, then never again
+    for top1 in [0.1, 0.2, 0.2] + [0.2] * 20:          # improves twice, then never again
         sched.step(top1)
         lrs.append(opt.param_groups[0]["lr"])
-    assert lrs[:3] == [0.01, 0.01, 0.01]
-    assert lrs[3] == pytest.approx(0.001)                # second epoch without a new best
+    assert lrs[:2] == [0.01, 0.01]
+    assert lrs[2] == pytest.approx(0.001)                # the first epoch without a new best (patience 1)
     assert lrs[-1] == pytest.approx(1e-5) and sched.reductions == 3
     restored = PlateauDivider(one_param_optimizer(), patience=1)
     restored.load_state_dict(sched.state_dict())
@@ -317,6 +351,16 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     ckpt.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"][0])
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_rng_state_covers_every_cuda_device_a_worker_uses_once_in_order():
+    """A --parallel model worker draws dropout masks on two GPUs: both generators are saved and restored, in the
+    worker's device order (the indices themselves may change between runs). CPU devices add nothing."""
+    from trainer.checkpoint import _cuda_devices
+
+    assert _cuda_devices(["cuda:1", "cuda:0", "cuda:1", "cpu"]) == [torch.device("cuda:1"), torch.device("cuda:0")]
+    assert _cuda_devices(["cuda:0", "cuda:0"]) == [torch.device("cuda:0")]        # two columns on one GPU
+    assert _cuda_devices([torch.device("cpu")] * 2) == [] and "cuda" not in ckpt.rng_state(["cpu", "cpu"])
 
 
 def test_load_rejects_bad_files_with_the_path(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 
 import pytest
 import torch
@@ -81,6 +82,31 @@ def test_parameters_are_leaves_and_training_steps_match(batch):
     after_split = split.state_dict()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(after_split[name], tensor, atol=ATOL, rtol=RTOL, msg=name)
+
+
+def test_a_run_with_dropout_repeats_bit_for_bit_whichever_column_thread_is_late(batch):
+    """Column 1's CPU work runs in a helper thread. Its dropout masks must not depend on which thread reaches the
+    shared generator first: here one column or the other is made late (a forward pre-hook that sleeps in fc6
+    and fc7), and three SGD steps with dropout 0.5 must end in the same weights either way."""
+    images, labels = batch
+
+    def train(late_column: int) -> dict[str, torch.Tensor]:
+        split = split_two_devices(small_model(dropout=0.5), CPU2, concurrent=True).train()
+        for name in ("fc6", "fc7"):
+            split.get_submodule(f"{name}.columns.{late_column}").register_forward_pre_hook(
+                lambda *_: time.sleep(0.05))
+        opt = torch.optim.SGD(split.parameters(), lr=0.01, momentum=0.9)
+        torch.manual_seed(5)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(split(images), labels).backward()
+            opt.step()
+        return split.state_dict()
+
+    first, second = train(late_column=0), train(late_column=1)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert not torch.equal(first["fc7.weight"], small_model().state_dict()["fc7.weight"])   # it trained
 
 
 def test_half_of_every_split_layer_per_column_fc8_whole():

@@ -99,7 +99,7 @@ def run_debug(cfg: LoaderConfig, batches: int, epoch: int = 0):
 @pytest.mark.parametrize("bad, field", [
     (dict(crop="center"), "crop"), (dict(rank=2, world_size=2), "rank"), (dict(device="gpu0"), "device"),
     (dict(layout="HWC"), "layout"), (dict(dtype="int8"), "dtype"), (dict(batch_size=0), "batch_size"),
-    (dict(image_size=300), "image_size"),
+    (dict(image_size=300), "image_size"), (dict(normalize="std"), "normalize"),
 ])
 def test_config_rejects_bad_values_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=rf"LoaderConfig\.{field}="):
@@ -211,6 +211,17 @@ def test_lighting_shift_has_the_paper_covariance_and_is_added_to_every_pixel(dig
     assert torch.allclose(diff, want, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["dali", "reference"])
+def test_mean_normalisation_is_the_standard_one_times_the_std(digits_shards, kind):
+    """normalize="mean" (the paper) keeps the 0-255 scale: with the same seed, the same crops and the same
+    lighting draws (folded into the per-sample mean), its batch is the "standard" batch times the std."""
+    cfg = cfg_for(digits_shards.train, batch_size=16, flip=True, **SMALL)
+    assert cfg.use_lighting
+    standard, _ = next(iter(make_train_loader(cfg, kind)))
+    mean, _ = next(iter(make_train_loader(cfg.replace(normalize="mean"), kind)))
+    torch.testing.assert_close(mean, standard * STD, atol=2e-3, rtol=1e-5)
+
+
 def test_rrc_mode_defaults_lighting_off(digits_shards):
     out = run_debug(cfg_for(digits_shards.train, crop="rrc"), batches=2)
     assert out["images"].shape == (32, 3, 224, 224) and not out["shift"].any() and "window" not in out
@@ -218,14 +229,14 @@ def test_rrc_mode_defaults_lighting_off(digits_shards):
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-def _pixel_diff_255(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| of two normalised (N, 3, H, W) batches, in 0-255 pixel levels."""
-    return ((a - b) * STD).abs()
+def _pixel_diff_255(a: torch.Tensor, b: torch.Tensor, std: tuple = IMAGENET_STD_255) -> torch.Tensor:
+    """|a - b| of two normalised (N, 3, H, W) batches, in 0-255 pixel levels (``std``: what they were divided by)."""
+    return ((a - b) * torch.tensor(std).view(1, 3, 1, 1)).abs()
 
 
-@pytest.mark.parametrize("shards_name", ["photo", "digits"])
-def test_val_agrees_with_the_reference_loader(photo_shards, digits_shards, shards_name):
-    """Same images, same labels, pixels within a stated tolerance.
+@pytest.mark.parametrize("shards_name, normalize", [("photo", "standard"), ("digits", "standard"), ("digits", "mean")])
+def test_val_agrees_with_the_reference_loader(photo_shards, digits_shards, shards_name, normalize):
+    """Same images, same labels, pixels within a stated tolerance, for either normalisation.
 
     Tolerance (0-255 pixel levels, after undoing the std): both loaders decode with libjpeg-turbo
     (identical bytes) and resize with a linear, antialiased (triangle) filter, but Pillow computes in
@@ -235,12 +246,14 @@ def test_val_agrees_with_the_reference_loader(photo_shards, digits_shards, shard
     A wrong crop offset, channel order, mean or std breaks these by far (tens of levels on average).
     """
     shard_dir = photo_shards if shards_name == "photo" else digits_shards.val
-    cfg = cfg_for(shard_dir, batch_size=16)
+    cfg = cfg_for(shard_dir, batch_size=16, normalize=normalize)
     diffs = []
     pairs = zip(make_eval_loader(cfg, "dali"), make_eval_loader(cfg, "reference"))
     for (x, y, m), (xr, yr, mr) in itertools.islice(pairs, 6):
         assert torch.equal(m, mr) and torch.equal(y[m], yr[mr])
-        diffs.append(_pixel_diff_255(x[m], xr[mr]))
+        diffs.append(_pixel_diff_255(x[m], xr[mr], cfg.std_255))
+    if normalize == "mean":   # centred 0-255 values: a black digit scan is about -124 (R), not -2.1
+        assert -130 < float(x.min()) < -100 and float(x.max()) > 100
     d = torch.cat(diffs)
     per_image = d.flatten(1).mean(1)
     assert d.mean() <= 1.0 and per_image.max() <= 2.5, (d.mean(), per_image.max())

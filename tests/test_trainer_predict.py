@@ -61,3 +61,34 @@ def test_predict_rejects_an_unreadable_image(tiny_model, tmp_path, run_main):
     bad.write_text("not an image")
     out = run_main("trainer", "predict", "--checkpoint", path, bad)
     assert out.returncode == 2 and "notes.jpg: cannot read this image" in out.stderr
+
+
+def test_a_model_file_records_the_normalisation_and_eval_uses_it(tiny_model, digits_shards, tmp_path):
+    """meta["normalize"] is the run's data.normalize; eval feeds the model the inputs that names, and a file
+    written before the key existed is evaluated on (x - mean) / std inputs, as it was trained."""
+    from pipeline import make_eval_loader
+    from trainer.evaluate import eval_config, evaluate, load_model
+    from trainer.loop import evaluate as evaluate_counts
+
+    path, _, classes = tiny_model
+    saved = torch.load(path, weights_only=True)
+    assert saved["meta"]["normalize"] == "standard"                     # the modern preset's
+    paper = build_config("paper", sets=["model.width=0.25", "data.image_size=64"], need_data=False)
+    assert model_file(build_model(paper, len(classes)), paper, classes,
+                      {"epoch": 0, "val_top1": 0.0, "val_top5": 0.0})["meta"]["normalize"] == "mean"
+
+    model, meta = load_model(str(path))
+    def loss_on(normalize: str) -> float:
+        cfg = eval_config(meta, "dali")
+        cfg.data.normalize = normalize
+        lcfg = cfg.loader_config(str(digits_shards.val), rank=0, world_size=1, device="cpu", batch_size=64)
+        counts = evaluate_counts(model, make_eval_loader(lcfg, "dali"), torch.device("cpu"))
+        return counts["loss_sum"] / counts["n"]
+
+    files = {"mean": tmp_path / "mean.pt", "old": tmp_path / "old.pt"}
+    atomic_save({**saved, "meta": {**saved["meta"], "normalize": "mean"}}, files["mean"])
+    atomic_save({**saved, "meta": {k: v for k, v in saved["meta"].items() if k != "normalize"}}, files["old"])
+    got = {name: evaluate(str(f), str(digits_shards.val))["loss"] for name, f in files.items()}
+    expected = {"mean": loss_on("mean"), "old": loss_on("standard")}
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert abs(expected["mean"] - expected["old"]) > 0.1                # the two inputs really differ

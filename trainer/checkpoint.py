@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,8 +50,24 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as weights_only-safe values (tensors, ints, lists)."""
+def _cuda_devices(devices: Sequence[torch.device | str] | None) -> list[torch.device]:
+    """The distinct CUDA devices among ``devices``, in order (None: the current one, once CUDA is in use)."""
+    if devices is None:
+        initialised = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return [torch.device("cuda", torch.cuda.current_device())] if initialised else []
+    out = []
+    for d in map(torch.device, devices):
+        if d.type == "cuda":
+            d = torch.device("cuda", torch.cuda.current_device() if d.index is None else d.index)
+            if d not in out:
+                out.append(d)
+    return out
+
+
+def rng_state(devices: Sequence[torch.device | str] | None = None) -> dict[str, Any]:
+    """This process's RNG states as weights_only-safe values (tensors, ints, lists): torch's CPU generator,
+    numpy's, Python's and the generator of every CUDA device in ``devices`` (a worker's devices: two GPUs
+    for run.parallel=model, whose columns draw dropout masks on their own GPU), as a list in that order."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -59,20 +75,26 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    cuda = _cuda_devices(devices)
+    if cuda:
+        state["cuda"] = [torch.cuda.get_rng_state(d) for d in cuda]
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], devices: Sequence[torch.device | str] | None = None) -> None:
+    """Restore :func:`rng_state`'s states, the CUDA ones onto ``devices``' CUDA devices in the same order
+    (device indices may differ between runs: Ray assigns them)."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    saved = state.get("cuda")
+    if saved is not None and torch.cuda.is_available():
+        saved = [saved] if isinstance(saved, torch.Tensor) else saved   # older files: one device's state
+        for device, cuda_state in zip(_cuda_devices(devices), saved):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 CHECKPOINT_PREFIX = "checkpoint_"   # Ray Train's name for a checkpoint directory on the storage path
@@ -237,7 +259,9 @@ def model_meta(obj: dict[str, Any], path: str | os.PathLike = "checkpoint") -> d
             cfg = obj["config"]
             meta = {"classes": obj["classes"], "width": cfg["model"]["width"],
                     "image_size": cfg["data"]["image_size"], "dropout": cfg["model"]["dropout"],
-                    "resize_shorter": cfg["data"].get("resize_shorter", 0), "epoch": obj.get("epoch", 0)}
+                    "resize_shorter": cfg["data"].get("resize_shorter", 0), "epoch": obj.get("epoch", 0),
+                    "normalize": cfg["data"].get("normalize", LEGACY_NORMALIZE)}
+            meta.update({key: cfg["model"][name] for key, name in CONFIG_NAMES.items() if name in cfg["model"]})
         except (KeyError, TypeError, AttributeError):
             raise ValueError(f"{path}: neither 'meta' nor a complete training state ('classes' and a 'config' "
                              f"with model.width, model.dropout, data.image_size); {fix}") from None
@@ -359,11 +383,23 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def alexnet_shapes(widths: dict[str, int], side: int, num_classes: int) -> dict[str, tuple[int, ...]]:
-    """Every state-dict entry's shape for AlexNet with these layer widths (trainer/model.py)."""
-    from trainer.model import COLUMNS
+# The model variant options a model file's meta may hold (trainer/model.py AlexNet's keyword arguments),
+# their values when absent (files written before they existed: the paper's net), and what each may be.
+VARIANT_DEFAULTS = {"lrn": True, "lrn_alpha": "paper", "pool": "overlapping", "columns": 2, "activation": "relu"}
+VARIANT_VALUES = {"lrn": (True, False), "lrn_alpha": ("paper", "cuda-convnet"),
+                  "pool": ("overlapping", "non-overlapping"), "columns": (1, 2), "activation": ("relu", "tanh")}
+CONFIG_NAMES = {"lrn": "lrn", "lrn_alpha": "lrn_alpha_convention", "pool": "pool", "columns": "columns",
+                "activation": "activation"}   # meta key -> model.* config key
 
-    w, g = widths, COLUMNS
+
+def variant_args(meta: dict[str, Any]) -> dict[str, Any]:
+    """AlexNet's variant keyword arguments from a checked ``meta`` (absent keys: the paper's net)."""
+    return {key: meta.get(key, default) for key, default in VARIANT_DEFAULTS.items()}
+
+
+def alexnet_shapes(widths: dict[str, int], side: int, num_classes: int, columns: int = 2) -> dict[str, tuple[int, ...]]:
+    """Every state-dict entry's shape for AlexNet with these layer widths and column count (trainer/model.py)."""
+    w, g = widths, columns
     weights = {"conv1": (w["conv1"], 3, 11, 11), "conv2": (w["conv2"], w["conv1"] // g, 5, 5),
                "conv3": (w["conv3"], w["conv2"], 3, 3), "conv4": (w["conv4"], w["conv3"] // g, 3, 3),
                "conv5": (w["conv5"], w["conv4"] // g, 3, 3), "fc6": (w["fc6"], w["conv5"] * side * side),
@@ -411,11 +447,23 @@ def architecture(state: Any, path: str | os.PathLike) -> dict[str, Any]:
     if side < 1 or side * side * c5 != fc6_in:
         raise ValueError(f"{path}: model entry fc6.weight has {fc6_in} inputs, not conv5's {c5} maps times a "
                          f"square map size; {FIX}")
-    for key, shape in alexnet_shapes(widths, side, num_classes).items():
+    # grouped conv2 (two columns) reads half of conv1's maps, the one-column net's reads all of them
+    columns = 1 if state["conv2.weight"].dim() > 1 and int(state["conv2.weight"].shape[1]) == widths["conv1"] else 2
+    for key, shape in alexnet_shapes(widths, side, num_classes, columns).items():
         if tuple(state[key].shape) != shape:
             raise ValueError(f"{path}: model entry {key} has shape {tuple(state[key].shape)}, expected {shape} "
                              f"for an AlexNet with the layer widths {list(widths.values())}; {FIX}")
-    return {"widths": widths, "side": side, "num_classes": num_classes}
+    return {"widths": widths, "side": side, "num_classes": num_classes, "columns": columns}
+
+
+# Model files written before data.normalize existed were trained on (x - mean) / std inputs.
+LEGACY_NORMALIZE = "standard"
+
+
+def input_normalize(meta: dict[str, Any]) -> str:
+    """How the model's inputs were normalised (data.normalize): ``meta["normalize"]``, or "standard" for a
+    file written before the key existed."""
+    return meta.get("normalize", LEGACY_NORMALIZE)
 
 
 def check_meta(meta: dict[str, Any], arch: dict[str, Any], path: str | os.PathLike) -> None:
@@ -426,22 +474,35 @@ def check_meta(meta: dict[str, Any], arch: dict[str, Any], path: str | os.PathLi
         if key not in meta:
             raise ValueError(f"{path}: meta has no {key!r}; {FIX}")
     width, size, shorter, classes = meta["width"], meta["image_size"], meta["resize_shorter"], meta["classes"]
+    for key, allowed in VARIANT_VALUES.items():
+        value = meta.get(key, VARIANT_DEFAULTS[key])
+        if type(value) is not type(VARIANT_DEFAULTS[key]) or value not in allowed:
+            raise ValueError(f"{path}: meta {key} {value!r} is not one of {list(allowed)}; {FIX}")
+    variant = variant_args(meta)
+    if variant["columns"] != arch["columns"]:
+        raise ValueError(f"{path}: meta columns {variant['columns']} does not match the weights, which are a "
+                         f"{arch['columns']}-column net (conv2's input maps); {FIX}")
     if not (_is_number(width) and 0 < width <= MAX_WIDTH):
         raise ValueError(f"{path}: meta width {width!r} is not a number in (0, {MAX_WIDTH:g}]; {FIX}")
-    if list(scaled_widths(width).values()) != list(arch["widths"].values()):
-        raise ValueError(f"{path}: meta width {width!r} means layer widths {list(scaled_widths(width).values())}, "
+    widths = list(scaled_widths(width, variant["columns"]).values())
+    if widths != list(arch["widths"].values()):
+        raise ValueError(f"{path}: meta width {width!r} means layer widths {widths}, "
                          f"the weights have {list(arch['widths'].values())}; {FIX}")
     if not (_is_int(size) and 63 <= size <= MAX_IMAGE_SIZE):
         raise ValueError(f"{path}: meta image_size {size!r} is not an integer in 63..{MAX_IMAGE_SIZE}; {FIX}")
-    if feature_map_size(size) != arch["side"]:
-        raise ValueError(f"{path}: meta image_size {size} gives {feature_map_size(size)}x{feature_map_size(size)} "
-                         f"maps into fc6, the weights are for {arch['side']}x{arch['side']}; {FIX}")
+    side = feature_map_size(size, variant["pool"])
+    if side != arch["side"]:
+        pool = "" if variant["pool"] == "overlapping" else f" (with {variant['pool']} pooling)"
+        raise ValueError(f"{path}: meta image_size {size} gives {side}x{side} maps into fc6, the weights are for "
+                         f"{arch['side']}x{arch['side']}{pool}; {FIX}")
     if not (_is_int(shorter) and size <= shorter <= MAX_RESIZE_SHORTER):
         raise ValueError(f"{path}: meta resize_shorter {shorter!r} is not an integer in {size}..{MAX_RESIZE_SHORTER} "
                          f"(image_size..{MAX_RESIZE_SHORTER}); {FIX}")
     dropout = meta.get("dropout", 0.5)
     if not (_is_number(dropout) and 0 <= dropout < 1):
         raise ValueError(f"{path}: meta dropout {dropout!r} is not a number in [0, 1); {FIX}")
+    if input_normalize(meta) not in ("mean", "standard"):
+        raise ValueError(f"{path}: meta normalize {input_normalize(meta)!r} is not 'mean' or 'standard'; {FIX}")
     if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"{path}: meta classes is not a list of class names; {FIX}")
     if len(classes) != arch["num_classes"] or len(classes) < 2:

@@ -1,4 +1,4 @@
-"""python -m trainer fit | eval | predict  (see docs/training.md)."""
+"""python -m trainer fit | ablate | eval | predict  (see docs/training.md)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from trainer.config import PRESETS, build_config
 from trainer.faults import TrainingStopped
@@ -20,6 +21,28 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--val", required=True, help="validation shard directory")
     f.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory; rerun to resume")
     f.add_argument("--preset", choices=sorted(PRESETS), default=None, help="recipe (default: modern)")
+    add_run_flags(f)
+
+    a = sub.add_parser("ablate", help="train a base config and named variants (the paper's design claims) on the "
+                       "same data, seeds and budget; report the differences (resumes when DIR has runs)")
+    a.add_argument("--train", required=True, help="training shard directory (python -m shards build)")
+    a.add_argument("--val", required=True, help="validation shard directory")
+    a.add_argument("--out", required=True, metavar="DIR", help="one RUN_DIR per run under it, and the report")
+    a.add_argument("--base-preset", choices=sorted(PRESETS), default="paper", help="the base recipe (default: paper)")
+    a.add_argument("--variants", nargs="+", metavar="NAME", help="variants to run (default: every built-in one "
+                   "that changes the base, and every --variant)")
+    a.add_argument("--variant", dest="custom", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                   help="define (and run) your own variant, e.g. --variant wide=model.width=0.5 (repeatable)")
+    a.add_argument("--seeds", type=int, default=1, help="seeds per variant: train.seed, train.seed + 1, ...")
+    a.add_argument("--train-error-threshold", type=float, default=0.25, metavar="E",
+                   help="report the epochs each variant needs to reach this training error (default 0.25, Figure 1)")
+    add_run_flags(a)
+    add_eval_commands(sub)
+    return p
+
+
+def add_run_flags(f: argparse.ArgumentParser) -> None:
+    """The flags fit and ablate share (every run of an ablation is a fit with them)."""
     f.add_argument("--config", metavar="FILE", help="YAML file of config sections")
     f.add_argument("--workers", type=auto_or(int), metavar="N|auto",
                    help="Ray Train workers (data-parallel ranks); auto (default): one per GPU of the cluster, 1 "
@@ -41,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=0.02 (repeatable)")
 
+
+def add_eval_commands(sub) -> None:
     e = sub.add_parser("eval", help='print {"top1", "top5", "n"} over every image of a shard directory')
     e.add_argument("--checkpoint", required=True, help="RUN_DIR/best.pt or RUN_DIR/last.pt")
     e.add_argument("--data", required=True, help="shard directory")
@@ -53,7 +78,6 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("images", nargs="+", metavar="IMAGE")
     pr.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
-    return p
 
 
 def auto_or(kind: type):
@@ -76,6 +100,23 @@ def fit_flags(args: argparse.Namespace) -> dict:
             "run.parallel": args.parallel, "data.stage_to": args.stage_to}
 
 
+def ablate(args: argparse.Namespace) -> None:
+    from trainer.ablate import Plan, choose_variants, parse_variant, run_ablation
+
+    if not 1 <= args.seeds <= 100:
+        raise ValueError(f"--seeds must be in 1..100, got {args.seeds}")
+    if not 0 < args.train_error_threshold < 1:
+        raise ValueError(f"--train-error-threshold must be in (0, 1), got {args.train_error_threshold}")
+    flags = {**fit_flags(args), "run.out": str(Path(args.out) / "base")}
+    base = build_config(args.base_preset, args.config, flags, args.sets)
+    custom = [parse_variant(text) for text in args.custom]
+    variants = choose_variants(base, args.variants, custom)
+    plan = Plan.make(base, args.out, variants, args.seeds, args.train_error_threshold)
+    print(f"[ablate] {len(variants)} variant(s) + base x {args.seeds} seed(s), preset {base.preset}, "
+          f"{base.train.epochs} epochs each: {', '.join(v.name for v in variants)} -> {plan.out}", flush=True)
+    run_ablation(plan, verbose=args.verbose)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -89,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             if int(os.environ.get("RANK", 0)) == 0:   # under torchrun: one closing summary
                 print("\n".join(summary(cfg.run.out, time.perf_counter() - started,
                                         ray_log_dir() if cfg.run.workers else None)), flush=True)
+        elif args.command == "ablate":
+            ablate(args)
         elif args.command == "eval":
             from trainer.evaluate import evaluate
             r = evaluate(args.checkpoint, args.data, ten_crop=args.ten_crop, workers=args.workers,

@@ -21,8 +21,15 @@ be finite (NaN and inf are refused) and within these bounds:
 data.image_size                integer 63..1024 (63: the smallest input AlexNet's layers accept)
 data.resize_shorter            0 (= image_size * 256 / 224) or image_size..2048
 data.num_threads               integer 0..256 (0 = auto: run.cpus_per_worker on GPU workers, 2 on the CPU)
+data.normalize                 mean (x - mean, 0-255 scale: the paper, section 2) | standard ((x - mean) / std)
 model.width                    (0, 8]
 model.dropout                  [0, 1)
+model.init                     paper | kaiming
+model.lrn                      true | false (response normalisation after conv1 and conv2)
+model.lrn_alpha_convention     cuda-convnet (1e-4 / 5 = 2e-5 per squared neighbour) | paper (1e-4 per term)
+model.pool                     overlapping (3x3, stride 2) | non-overlapping (2x2, stride 2)
+model.columns                  integer 1..2 (1: the one-GPU net, conv1-conv4 halved; not with run.parallel=model)
+model.activation               relu | tanh
 optim.lr                       (0, 10]
 optim.lr_reference_batch       integer 0..65536 (0 = no scaling)
 optim.momentum                 [0, 1)
@@ -30,7 +37,8 @@ optim.weight_decay             [0, 1]
 optim.label_smoothing          [0, 1)
 optim.grad_clip                [0, 1e6] (0 = off)
 schedule.factor                (0, 1)
-schedule.patience              integer 0..10000
+schedule.patience              integer 1..10000 (the lr drops after this many epochs in a row without improvement)
+schedule.min_delta             [0, 1) (absolute top-1: an epoch improves when it beats the best by more than this)
 schedule.max_reductions        integer 0..100
 schedule.warmup_epochs         [0, 10000]
 schedule.warmup_start          (0, 1]
@@ -107,6 +115,9 @@ class DataConfig:
     crop: Literal["paper", "rrc"] = "paper"
     lighting: bool = True           # the paper's PCA lighting (section 4.1)
     flip: bool = True
+    # "mean": subtract the ImageNet mean, keep the 0-255 scale (the paper, section 2); "standard": also divide
+    # by the std (docs/pipeline.md, "Normalise")
+    normalize: Literal["mean", "standard"] = "mean"
     image_size: int = 224
     resize_shorter: int = 0         # 0: image_size * 256 / 224, the paper's 256 for 224
     num_threads: int = 0            # DALI CPU threads / DataLoader workers per rank; 0 = auto (Config.loader_threads)
@@ -116,7 +127,7 @@ class DataConfig:
 
     def validate(self) -> None:
         c = _Check("data", self)
-        for name in ("loader", "crop"):
+        for name in ("loader", "crop", "normalize"):
             c.choice(name)
         for name in ("lighting", "flip"):
             c.flag(name)
@@ -132,12 +143,29 @@ class ModelConfig:
     width: float = 1.0              # multiplies every conv and fc width (1.0 = the paper's net)
     dropout: float = 0.5
     init: Literal["paper", "kaiming"] = "paper"
+    # the variants below default to the paper's net; trainer/model.py's docstring says what each changes
+    lrn: bool = True                # response normalisation after conv1 and conv2 (section 3.3)
+    # alpha = 1e-4 / n = 2e-5 per squared neighbour (cuda-convnet, which trained the paper's nets; Caffe, torch)
+    # or 1e-4 (the paper's formula as printed); the default is measured: docs/training.md, "Model options"
+    lrn_alpha_convention: Literal["paper", "cuda-convnet"] = "cuda-convnet"
+    pool: Literal["overlapping", "non-overlapping"] = "overlapping"   # 3x3 stride 2, or 2x2 stride 2
+    columns: int = 2                # 2: the paper's two-GPU net; 1: its one-GPU comparison net (section 3.2)
+    activation: Literal["relu", "tanh"] = "relu"
 
     def validate(self) -> None:
         c = _Check("model", self)
         c.number("width", 0, 8, low_open=True)
         c.number("dropout", 0, 1, high_open=True)
         c.choice("init")
+        c.flag("lrn")
+        for name in ("lrn_alpha_convention", "pool", "activation"):
+            c.choice(name)
+        c.integer("columns", 1, 2, " (2: the paper's two-column net, 1: its one-GPU net)")
+
+    def build_args(self) -> dict:
+        """AlexNet's keyword arguments for the variant options (also saved in a model file's meta)."""
+        return {"lrn": self.lrn, "lrn_alpha": self.lrn_alpha_convention, "pool": self.pool,
+                "columns": self.columns, "activation": self.activation}
 
 
 @dataclass(kw_only=True)
@@ -168,11 +196,14 @@ class OptimConfig:
 @dataclass(kw_only=True)
 class ScheduleConfig:
     kind: Literal["plateau", "cosine"] = "plateau"
-    # plateau (section 5): divide by `factor` when val top-1 has not improved for `patience` epochs,
-    # at most `max_reductions` times.
+    # plateau (section 5): divide by `factor` after `patience` epochs in a row whose val top-1 did not beat the
+    # best by more than `min_delta`, at most `max_reductions` times (trainer/schedule.py PlateauDivider).
     factor: float = 0.1
-    patience: int = 2              # not in the paper: epochs without a new best before dividing
+    patience: int = 2              # not in the paper: epochs without improvement before dividing
     max_reductions: int = 3
+    # not in the paper: 0.002 = 0.2 top-1 points, about one binomial standard error of top-1 near 60 % on
+    # ImageNet's 50,000 val images (sqrt(0.6 * 0.4 / 50000)), so sampling noise does not count as progress
+    min_delta: float = 0.002
     # cosine: linear warm-up from lr * warmup_start for warmup_epochs, then cosine to lr * final_fraction.
     warmup_epochs: float = 0.0
     warmup_start: float = 0.1
@@ -182,7 +213,8 @@ class ScheduleConfig:
         c = _Check("schedule", self)
         c.choice("kind")
         c.number("factor", 0, 1, low_open=True, high_open=True)
-        c.integer("patience", 0, 10000)
+        c.integer("patience", 1, 10000)
+        c.number("min_delta", 0, 1, high_open=True)
         c.integer("max_reductions", 0, 100)
         c.number("warmup_epochs", 0, 10000)
         c.number("warmup_start", 0, 1, low_open=True)
@@ -296,7 +328,7 @@ class Config:
         d = self.data
         return LoaderConfig(shard_dir=shard_dir, batch_size=batch_size, rank=rank, world_size=world_size,
                             device=str(device), seed=self.train.seed, crop=d.crop, lighting=d.lighting,
-                            flip=d.flip, image_size=d.image_size, resize_shorter=d.shorter_side(),
+                            flip=d.flip, normalize=d.normalize, image_size=d.image_size, resize_shorter=d.shorter_side(),
                             layout="NHWC" if self.use_channels_last() else "NCHW", dtype="float32",
                             num_threads=self.loader_threads(), num_workers=self.loader_threads(), ten_crop=ten_crop)
 
@@ -316,6 +348,15 @@ class Config:
 
     def use_bf16(self) -> bool:
         return self.train.precision == "bf16" or (self.train.precision == "auto" and self.on_gpu())
+
+    def use_tf32(self) -> bool:
+        """TF32 for float32 convolutions and matmuls on GPUs: only beside bf16 autocast. An fp32 run (the paper
+        preset, or auto on the CPU) computes in IEEE float32 (trainer/parallelize.py apply_float32_precision)."""
+        return self.use_bf16()
+
+    def precision_note(self) -> str:
+        """What the start line says about precision."""
+        return "bf16 autocast, TF32 on" if self.use_bf16() else "fp32, TF32 off"
 
     def use_channels_last(self) -> bool:
         return self.train.channels_last == "on" or (self.train.channels_last == "auto" and self.on_gpu())
@@ -349,6 +390,9 @@ class Config:
         if r.workers != "auto" and r.workers and t.batch_size % r.workers:
             raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
                              f"run.workers ({r.workers}); e.g. --batch-size {t.batch_size // r.workers * r.workers or r.workers}")
+        if r.parallel == "model" and self.model.columns != 2:
+            raise ValueError(f"run.parallel=model places the net's two columns on two devices, model.columns is "
+                             f"{self.model.columns}: use --parallel data or --set model.columns=2")
         if r.parallel == "model" and t.compile == "on":
             raise ValueError("--parallel model runs eagerly (trainer/parallel.py's two-column forward is not "
                              "compiled); use --set train.compile=auto or off")
@@ -361,7 +405,8 @@ class Config:
 def paper_preset() -> Config:
     """Section 5 of the paper, nothing added: SGD, momentum 0.9, weight decay 0.0005 on every weight,
     lr 0.01 divided by 10 when validation error stops improving (at most three times), batch 128,
-    90 epochs, weights N(0, 0.01) with biases 1 in conv2/4/5 and fc6/7, fp32."""
+    90 epochs, weights N(0, 0.01) with biases 1 in conv2/4/5 and fc6/7, fp32, inputs centred on the 0-255
+    scale (section 2)."""
     return Config(preset="paper")  # the dataclass defaults *are* the paper
 
 
@@ -369,6 +414,7 @@ def modern_preset() -> Config:
     """A faster recipe for the same network; each choice is explained in docs/training.md ("Presets")."""
     return Config(
         preset="modern",
+        data=DataConfig(normalize="standard"),
         model=ModelConfig(init="kaiming"),
         optim=OptimConfig(lr=0.02, lr_reference_batch=256, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           decay_biases=False, label_smoothing=0.1, grad_clip=5.0),

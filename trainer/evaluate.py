@@ -23,7 +23,7 @@ def load_model(checkpoint_path: str) -> tuple[AlexNet, dict[str, Any]]:
     obj = ckpt.load(checkpoint_path)
     meta = ckpt.model_meta(obj, checkpoint_path)  # checked against the weights: builds nothing larger than them
     model = AlexNet(len(meta["classes"]), width=meta["width"], dropout=meta.get("dropout", 0.5),
-                    image_size=meta["image_size"])
+                    image_size=meta["image_size"], **ckpt.variant_args(meta))
     try:
         model.load_state_dict(obj["model"])
     except RuntimeError as e:
@@ -35,6 +35,7 @@ def load_model(checkpoint_path: str) -> tuple[AlexNet, dict[str, Any]]:
 def eval_config(meta: dict[str, Any], loader: str) -> Config:
     cfg = Config()
     cfg.data.image_size, cfg.data.resize_shorter, cfg.data.loader = meta["image_size"], meta["resize_shorter"], loader
+    cfg.data.normalize = ckpt.input_normalize(meta)   # the inputs the model was trained on
     cfg.train.precision = "fp32"
     return cfg
 
@@ -88,9 +89,11 @@ def evaluate(checkpoint_path: str, data: str, ten_crop: bool = False, workers: i
 
 # ---------------------------------------------------------------------------------------- predict
 
-def preprocess(path: str, image_size: int, resize_shorter: int) -> torch.Tensor:
-    """Resize the shorter side, centre-crop, normalise: the reference eval loader's own functions."""
+def preprocess(path: str, image_size: int, resize_shorter: int, normalize_as: str = "standard") -> torch.Tensor:
+    """Resize the shorter side, centre-crop, normalise (``normalize_as``: data.normalize): the reference eval
+    loader's own functions."""
     from PIL import Image, UnidentifiedImageError
+    from pipeline.config import divisor_255
     from pipeline.reference import crop_at, normalize, resize_shorter as resize
 
     try:
@@ -103,7 +106,7 @@ def preprocess(path: str, image_size: int, resize_shorter: int) -> torch.Tensor:
                          f"pass a smaller JPEG or PNG") from None
     except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path}: cannot read this image ({type(e).__name__}); pass JPEG or PNG files") from None
-    return normalize(crop_at(resize(image, resize_shorter), image_size, 0.5, 0.5))
+    return normalize(crop_at(resize(image, resize_shorter), image_size, 0.5, 0.5), std=divisor_255(normalize_as))
 
 
 @torch.no_grad()
@@ -112,7 +115,7 @@ def predict(checkpoint_path: str, images: list[str], k: int = 5) -> list[dict[st
     classes = list(meta["classes"])
     out = []
     for path in images:
-        x = preprocess(path, meta["image_size"], meta["resize_shorter"]).unsqueeze(0)
+        x = preprocess(path, meta["image_size"], meta["resize_shorter"], ckpt.input_normalize(meta)).unsqueeze(0)
         probs = model(x).softmax(dim=1)[0]
         top = probs.topk(min(k, len(classes)))
         out.append({"image": path, "top5": [{"class": classes[i], "prob": round(float(p), 6)}

@@ -92,12 +92,18 @@ def worker_error(error: BaseException) -> BaseException:
 
 
 def check_run_dir(cfg: Config, classes: list[str]) -> None:
-    """A rerun with the same RUN_DIR resumes; refuse one whose model would not load the saved weights."""
+    """A rerun with the same RUN_DIR resumes; refuse one whose model would not load the saved weights, whose
+    inputs differ (data.normalize) or whose training state has another shape (run.parallel: the split model's
+    optimizer state and per-device RNG states load only into the same mode)."""
     saved = Path(cfg.run.out) / "config.json"
     if saved.is_file():
         old = json.loads(saved.read_text())
-        mismatched = [f"{s}.{k}" for s, k in (("model", "width"), ("data", "image_size"))
-                      if old["config"][s][k] != getattr(getattr(cfg, s), k)]
+        # keys absent from an older config.json had these values then: the paper's net, (x - mean) / std inputs
+        legacy = {("model", ckpt.CONFIG_NAMES[k]): v for k, v in ckpt.VARIANT_DEFAULTS.items()}
+        legacy[("data", "normalize")] = ckpt.LEGACY_NORMALIZE
+        keys = [("model", "width"), ("data", "image_size"), ("run", "parallel"), *legacy]
+        mismatched = [f"{s}.{k}" for s, k in keys
+                      if old["config"][s].get(k, legacy.get((s, k))) != getattr(getattr(cfg, s), k)]
         if old["classes"] != classes:
             mismatched.append("classes")
         if mismatched:
@@ -190,8 +196,8 @@ def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
                  if local_mode else f"{cfg.run.workers} worker(s)")
         each = " + ".join(f"{v:g} {k}" for k, v in resources.items())
         print(f"[trainer] fit: {reason}; {where} x {each}, global batch {cfg.train.batch_size}, "
-              f"preset {cfg.preset}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, {len(classes)} classes, "
-              f"run dir {run_dir}", flush=True)
+              f"preset {cfg.preset}, {cfg.precision_note()}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, "
+              f"{len(classes)} classes, run dir {run_dir}", flush=True)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "classes": classes, "verbose": verbose},

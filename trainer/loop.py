@@ -39,26 +39,33 @@ class EpochProgress:
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     seen: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     skipped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    # training images whose top-1 prediction (augmented crop, dropout on, before the step's update) was right
+    correct: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
-    def add(self, loss: torch.Tensor, batch_size: int, applied: torch.Tensor | None) -> None:
+    def add(self, loss: torch.Tensor, batch_size: int, applied: torch.Tensor | None,
+            correct: torch.Tensor | int = 0) -> None:
         """Count a step; one whose update was skipped (``applied`` False) adds no loss and no images."""
         if applied is None:
             self.loss_sum += loss.detach().double() * batch_size
             self.seen += batch_size
+            self.correct += correct
         else:
             self.loss_sum += torch.where(applied, loss.detach().double() * batch_size, 0.0)
             self.seen += applied.long() * batch_size
+            self.correct += applied.long() * correct
             self.skipped += (~applied).long()
 
     def state_dict(self) -> dict:
-        return {"loss_sum": float(self.loss_sum), "seen": int(self.seen), "skipped": int(self.skipped)}
+        return {"loss_sum": float(self.loss_sum), "seen": int(self.seen), "skipped": int(self.skipped),
+                "correct": int(self.correct)}
 
     @classmethod
     def from_state(cls, state: dict | None, device: torch.device) -> "EpochProgress":
         state = state or {}
         return cls(torch.tensor(state.get("loss_sum", 0.0), dtype=torch.float64, device=device),
                    torch.tensor(int(state.get("seen", 0)), device=device),
-                   torch.tensor(int(state.get("skipped", 0)), device=device))
+                   torch.tensor(int(state.get("skipped", 0)), device=device),
+                   torch.tensor(int(state.get("correct", 0)), device=device))
 
 
 class Hook:
@@ -87,8 +94,20 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
                optimizer: torch.optim.Optimizer, criterion, grad_clip: float = 0.0, bf16: bool = False,
                hooks: Sequence[Hook] = (), at: Step | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward and gradient clipping; returns (loss, gradient norm). The update is the caller's."""
+    loss, grad_norm, _ = counted_train_step(model, images, labels, optimizer=optimizer, criterion=criterion,
+                                            grad_clip=grad_clip, bf16=bf16, hooks=hooks, at=at)
+    return loss, grad_norm
+
+
+def counted_train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                       optimizer: torch.optim.Optimizer, criterion, grad_clip: float = 0.0, bf16: bool = False,
+                       hooks: Sequence[Hook] = (), at: Step | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`train_step` that also returns how many of the batch's top-1 predictions were right (a device
+    tensor: the training error of section 3.1's Figure 1 comes from these, at no extra forward pass)."""
     with autocast(bf16, images.device):
         logits = model(images)
+    correct = (logits.detach().argmax(dim=1) == labels).sum()
     loss = criterion(logits.float(), labels)
     for hook in hooks:
         loss = hook.on_loss(loss, at)
@@ -97,7 +116,7 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     grads = [p for p in model.parameters() if p.grad is not None]
     grad_norm = (torch.nn.utils.clip_grad_norm_(grads, grad_clip) if grad_clip
                  else torch.nn.utils.get_total_norm([p.grad for p in grads]))
-    return loss, grad_norm
+    return loss, grad_norm, correct
 
 
 def gated_step(optimizer: torch.optim.Optimizer, applied: torch.Tensor | None) -> None:
@@ -135,14 +154,15 @@ def train_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim
         at = Step(epoch, step, steps)
         for hook in hooks:
             hook.before_step(at)
-        loss, grad_norm = train_step(model, images, labels, optimizer=optimizer, criterion=criterion,
-                                     grad_clip=grad_clip, bf16=bf16, hooks=hooks, at=at)
+        loss, grad_norm, correct = counted_train_step(model, images, labels, optimizer=optimizer,
+                                                      criterion=criterion, grad_clip=grad_clip, bf16=bf16,
+                                                      hooks=hooks, at=at)
         verdicts = [v for v in (hook.accept_step(loss, grad_norm, at) for hook in hooks) if v is not None]
         applied = torch.stack(verdicts).all() if verdicts else None
         gated_step(optimizer, applied)
         if scheduler.per_step:
             scheduler.step()
-        progress.add(loss, labels.shape[0], applied)
+        progress.add(loss, labels.shape[0], applied, correct)
         for hook in hooks:
             hook.after_step(at, loss, labels.shape[0], progress)
     return progress

@@ -27,6 +27,10 @@ points; autograd runs each backward op on its forward op's stream, so the backwa
 On the CPU the two columns' forward work can run in two Python threads (torch ops release the GIL):
 ``concurrent=True``. The autograd engine runs CPU backward work on a single thread, so only the forward
 pass overlaps there; see docs/model-parallel.md and bench/split.py for what that buys on a small CPU.
+
+Dropout. Both columns' masks for fc6 and fc7 are drawn at the start of ``forward``, in the caller's thread,
+in a fixed order, each from its column's device generator: a helper thread drawing its own from the shared
+CPU generator would take numbers in thread-timing order, and a run with dropout would not repeat bit for bit.
 """
 from __future__ import annotations
 
@@ -37,7 +41,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from trainer.model import COLUMNS, AlexNet, ColumnLRN
 
@@ -176,7 +179,9 @@ class TwoColumnAlexNet(nn.Module):
             self.fc8.weight.copy_(model.fc8.weight)
             self.fc8.bias.copy_(model.fc8.bias)
         lrn = model.lrn   # each column normalises its own maps: ColumnLRN over one column
-        self.lrn = ColumnLRN(1, size=lrn.size, alpha=lrn.alpha, beta=lrn.beta, k=lrn.k)
+        self.lrn = ColumnLRN(1, size=lrn.size, alpha=lrn.alpha, beta=lrn.beta, k=lrn.k) \
+            if isinstance(lrn, ColumnLRN) else nn.Identity()
+        self.act = model.act
         self.pool = nn.MaxPool2d(model.pool.kernel_size, model.pool.stride)
         self.dropout = nn.Dropout(model.dropout.p)
         self.train(model.training)
@@ -236,9 +241,24 @@ class TwoColumnAlexNet(nn.Module):
         before either column computes on, so neither column's stream waits for the other's next layer."""
         return [self._join_on(outputs, c) for c in range(COLUMNS)]
 
+    def _dropout_masks(self, batch: int) -> dict[str, list[torch.Tensor | None]]:
+        """fc6's and fc7's dropout masks, ``[column 0, column 1]`` each on its column's device, already scaled by
+        1 / (1 - p) as ``nn.Dropout`` does; drawn in this thread in a fixed order (see the module docstring)."""
+        p = self.dropout.p
+        if not self.training or p == 0:
+            return {"fc6": [None, None], "fc7": [None, None]}
+        keep = 1.0 - p
+        masks = {name: [torch.empty(batch, getattr(self, name).columns[c].out_features, device=self.devices[c])
+                        .bernoulli_(keep).div_(keep) for c in range(COLUMNS)] for name in ("fc6", "fc7")}
+        if self._side_stream is not None:   # drawn on the current stream, read on column 1's side stream
+            for name in masks:
+                masks[name][1].record_stream(self._side_stream)
+        return masks
+
     # -- the network, column by column (same order of operations as AlexNet.features / classifier)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        masks = self._dropout_masks(images.shape[0])   # before the side stream's wait below: it orders them
         if self._side_stream is not None:
             self._streams = [torch.cuda.current_stream(self.devices[0]), self._side_stream]
             # column 1's weights were last written (optimizer step) on the caller's stream
@@ -249,27 +269,34 @@ class TwoColumnAlexNet(nn.Module):
             with self._stream_context(c):
                 image_per_column.append(self._fetch(images, source, c))
 
+        act = self.act
+
         def conv1_conv2(c, x):      # each column only its own maps
-            x = self.pool(self.lrn(F.relu(self.conv1.columns[c](x))))
-            return self.pool(self.lrn(F.relu(self.conv2.columns[c](x))))
+            x = self.pool(self.lrn(act(self.conv1.columns[c](x))))
+            return self.pool(self.lrn(act(self.conv2.columns[c](x))))
 
         def conv3_conv4_conv5(c, x):    # x: both columns' conv2 maps; conv4, conv5 see their own column only
-            x = F.relu(self.conv3.columns[c](x))
-            x = F.relu(self.conv4.columns[c](x))
+            x = act(self.conv3.columns[c](x))
+            x = act(self.conv4.columns[c](x))
             # flattening each column's (N, C/2, 6, 6) and joining them keeps AlexNet's channel-major order
-            return torch.flatten(self.pool(F.relu(self.conv5.columns[c](x))), 1)
+            return torch.flatten(self.pool(act(self.conv5.columns[c](x))), 1)
 
         def fc6(c, x):
-            return self.dropout(F.relu(self.fc6.columns[c](x)))
+            return _drop(act(self.fc6.columns[c](x)), masks["fc6"][c])
 
         def fc7(c, x):
-            return self.dropout(F.relu(self.fc7.columns[c](x)))
+            return _drop(act(self.fc7.columns[c](x)), masks["fc7"][c])
 
         maps = self._per_column(conv1_conv2, image_per_column)
         maps = self._per_column(conv3_conv4_conv5, self._cross(maps))
         neurons = self._per_column(fc6, self._cross(maps))
         neurons = self._per_column(fc7, self._cross(neurons))
         return self.fc8(self._join_on(neurons, 0))     # fc8 and the loss on devices[0]
+
+
+def _drop(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Dropout with a mask drawn beforehand (None: eval mode or p = 0); the mask takes x's dtype (autocast)."""
+    return x if mask is None else x * mask.to(x.dtype)
 
 
 def split_two_devices(model: AlexNet, devices: Sequence[torch.device | str], concurrent: bool = True
@@ -285,4 +312,7 @@ def split_two_devices(model: AlexNet, devices: Sequence[torch.device | str], con
     devices = _normalise_devices(devices)
     if not isinstance(model, AlexNet):
         raise ValueError(f"split_two_devices splits trainer.model.AlexNet, got {type(model).__name__}")
+    if getattr(model, "columns", COLUMNS) != COLUMNS:
+        raise ValueError(f"split_two_devices places the two columns of the paper's net on two devices; this "
+                         f"AlexNet has model.columns={model.columns}: use --parallel data or model.columns=2")
     return TwoColumnAlexNet(model, devices, concurrent=concurrent)

@@ -4,6 +4,8 @@ Like torchtitan's ``parallelize_*``: :func:`parallelize` takes the plain :class:
 the config and returns ``(net, model)``: ``net`` holds the parameters (save and load it), ``model`` is what
 the loop calls. The pieces are small ``apply_*`` functions applied in this order:
 
+0. float32 precision: TF32 off for convolutions and matmuls unless the run uses bf16 autocast (process-wide
+   torch flags; set on every device type, so the CPU runs the same code);
 1. placement: the whole net on one device, or the paper's two columns on two devices (trainer/parallel.py);
 2. channels_last memory format (faster convolutions on tensor-core GPUs);
 3. DistributedDataParallel when there is more than one rank;
@@ -17,6 +19,15 @@ import torch
 from torch import nn
 
 from trainer.config import Config
+
+
+def apply_float32_precision(tf32: bool) -> None:
+    """Whether float32 convolutions (cuDNN) and matmuls (cuBLAS; oneDNN on CPUs that have it) may run in TF32.
+    Ampere and later GPUs do so by default for convolutions, which an fp32 run must not (docs/training.md,
+    "Precision"). Only the legacy flags are set: torch refuses to read them back once mixed with its newer
+    ``fp32_precision`` settings."""
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")   # also sets cuda.matmul.allow_tf32
 
 
 def apply_placement(net: nn.Module, devices: Sequence[torch.device], two_columns: bool) -> nn.Module:
@@ -44,6 +55,7 @@ def apply_compile(model: nn.Module) -> nn.Module:
 def parallelize(net: nn.Module, cfg: Config, devices: Sequence[torch.device], world: int) -> tuple[nn.Module, nn.Module]:
     """``(net, model)`` for this rank: ``devices`` are the worker's (two for ``run.parallel=model``)."""
     two_columns = cfg.run.parallel == "model"
+    apply_float32_precision(cfg.use_tf32())
     net = apply_placement(net, devices, two_columns)
     if cfg.use_channels_last():
         net = apply_channels_last(net)

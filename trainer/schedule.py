@@ -30,22 +30,26 @@ class PlateauDivider:
     """Section 5: "divide the learning rate by 10 when the validation error rate stopped improving with
     the current learning rate ... reduced three times prior to termination".
 
-    Called once per epoch with val top-1. After more than ``patience`` epochs without a new best, every
-    group's lr is multiplied by ``factor``, at most ``max_reductions`` times. (The paper gives no patience.)
+    Called once per epoch, after validation, with val top-1. An epoch improves when its top-1 beats the best
+    so far by more than ``min_delta`` (absolute top-1, e.g. 0.001 = 0.1 points), so a gain of a few images
+    does not restart the count. After ``patience`` epochs in a row without improvement, every group's lr is
+    multiplied by ``factor`` for the epochs that follow, at most ``max_reductions`` times, and the count
+    restarts. (The paper gives neither patience nor min_delta.)
     """
     per_step = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, factor: float = 0.1, patience: int = 2,
-                 max_reductions: int = 3):
+                 max_reductions: int = 3, min_delta: float = 0.0):
         self.optimizer, self.factor, self.patience, self.max_reductions = optimizer, factor, patience, max_reductions
+        self.min_delta = min_delta
         self.best, self.bad_epochs, self.reductions = -math.inf, 0, 0
 
     def step(self, val_top1: float) -> None:
-        if val_top1 > self.best:
+        if val_top1 > self.best + self.min_delta:
             self.best, self.bad_epochs = val_top1, 0
             return
         self.bad_epochs += 1
-        if self.bad_epochs > self.patience and self.reductions < self.max_reductions:
+        if self.bad_epochs >= self.patience and self.reductions < self.max_reductions:
             for group in self.optimizer.param_groups:
                 group["lr"] *= self.factor
             self.reductions += 1
@@ -97,7 +101,7 @@ class WarmupCosine:
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
     s = cfg.schedule
     if s.kind == "plateau":
-        return PlateauDivider(optimizer, s.factor, s.patience, s.max_reductions)
+        return PlateauDivider(optimizer, s.factor, s.patience, s.max_reductions, s.min_delta)
     return WarmupCosine(optimizer, total_steps=cfg.train.epochs * steps_per_epoch,
                         warmup_steps=round(s.warmup_epochs * steps_per_epoch),
                         warmup_start=s.warmup_start, final_fraction=s.final_fraction)

@@ -51,15 +51,16 @@ class Placement:
 
 def build_model(cfg: Config, num_classes: int) -> AlexNet:
     return AlexNet(num_classes, width=cfg.model.width, dropout=cfg.model.dropout, init=cfg.model.init,
-                   image_size=cfg.data.image_size)
+                   image_size=cfg.data.image_size, **cfg.model.build_args())
 
 
 def model_file(net: torch.nn.Module, cfg: Config, classes: list[str], record: dict[str, Any]) -> dict:
     """The plain model file (last.pt / best.pt): state dict + what eval/predict need to rebuild it."""
     return {"model": ckpt.plain_state_dict(net),
             "meta": {"classes": list(classes), "width": cfg.model.width, "dropout": cfg.model.dropout,
+                     **cfg.model.build_args(),
                      "image_size": cfg.data.image_size, "resize_shorter": cfg.data.shorter_side(),
-                     "preset": cfg.preset, "epoch": record["epoch"],
+                     "normalize": cfg.data.normalize, "preset": cfg.preset, "epoch": record["epoch"],
                      "val_top1": record["val_top1"], "val_top5": record["val_top5"]}}
 
 
@@ -123,7 +124,8 @@ class Trainer:
 
     def save_mid_epoch(self, at: Step) -> None:
         """Every rank's loader position, running totals and RNG state, then the checkpoint (all ranks call)."""
-        mine = {**self.progress.state_dict(), "loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
+        mine = {**self.progress.state_dict(), "loader": self.train_loader.state_dict(),
+                "rng": ckpt.rng_state(self.place.devices)}
         ranks = gather(mine)
         rng = [r.pop("rng") for r in ranks]
         self.checkpointer.save({"epoch": at.epoch, "step": at.step + 1, "val_top1": -1.0, "mid_epoch": 1},
@@ -137,7 +139,7 @@ class Trainer:
             return
         self.epoch, self.best_top1 = state["epoch"] + 1, state["best_top1"]
         if len(state["rng"]) == self.world:
-            ckpt.set_rng_state(state["rng"][self.rank])
+            ckpt.set_rng_state(state["rng"][self.rank], self.place.devices)
         ranks = state.get("ranks")   # set by a mid-epoch checkpoint: every rank's position in the epoch
         if ranks and len(ranks) == self.world:
             self.step = state["step"]
@@ -189,7 +191,8 @@ class Trainer:
         """Validate, log, write the model files and save the training state."""
         cfg, device = self.cfg, self.device
         train_time = time.perf_counter() - t0
-        train_loss_sum, train_seen = all_reduce_sum([float(self.progress.loss_sum), int(self.progress.seen)], device)
+        train_loss_sum, train_seen, train_correct = all_reduce_sum(
+            [float(self.progress.loss_sum), int(self.progress.seen), int(self.progress.correct)], device)
         counts = evaluate(self.net, self.val_loader, device, bf16=cfg.use_bf16())
         v = dict(zip(("loss_sum", "top1", "top5", "n"),
                      all_reduce_sum([counts["loss_sum"], counts["top1"], counts["top5"], counts["n"]], device)))
@@ -199,12 +202,13 @@ class Trainer:
             self.scheduler.step(val_top1)
         is_best = val_top1 > self.best_top1
         self.best_top1 = max(self.best_top1, val_top1)
-        record = {"epoch": epoch, "train_loss": train_loss_sum / train_seen, "val_loss": v["loss_sum"] / v["n"],
+        record = {"epoch": epoch, "train_loss": train_loss_sum / train_seen, "train_top1": train_correct / train_seen,
+                  "val_loss": v["loss_sum"] / v["n"],
                   "val_top1": val_top1, "val_top5": val_top5, "val_n": int(v["n"]), "lr": lr_used,
                   "images_per_s": train_seen / train_time, "epoch_time_s": time.perf_counter() - t0,
                   "workers": self.world, "global_batch": self.batch * self.world,
                   "skipped_steps": int(all_reduce_sum([int(self.progress.skipped)], device)[0]) // self.world}
-        rng = gather(ckpt.rng_state())
+        rng = gather(ckpt.rng_state(self.place.devices))
         if cfg.run.save_rank_states:
             ckpt.atomic_save(ckpt.plain_state_dict(self.net), self.run_dir / "rank_states" / f"rank{self.rank}.pt")
         if self.rank == 0:
