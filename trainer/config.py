@@ -42,6 +42,10 @@ train.max_steps_per_epoch      integer >= 0 (0 = full epochs)
 train.log_every                integer >= 1
 train.checkpoint_every         integer >= 0 (0 = at epoch ends only)
 run.workers                    integer 0..4096 (0 = local mode, in this process)
+run.min_workers                integer 0..run.max_workers (elastic group: the fewest workers it trains with)
+run.max_workers                integer 0..4096 (0 = a fixed group of run.workers; else the most workers, and
+                               train.batch_size must divide by it: the per-worker micro-batch is
+                               batch_size / max_workers, docs/training.md "Elastic groups")
 run.gpus_per_worker            [0, 16]; 0 or 2 with run.parallel=model
 run.cpus_per_worker            (0, 1024] or auto (8 for a GPU worker, at most its share of the cluster; 1 on the CPU)
 run.max_failures               integer >= -1 (-1 = retry forever)
@@ -221,6 +225,9 @@ class RunConfig:
     out: str = ""                   # RUN_DIR
     # "auto" (trainer/fit.py decide_workers): one worker per GPU of the cluster, one GPU each; no GPU: 1 CPU worker
     workers: int | Literal["auto"] = "auto"
+    # an elastic group (both > 0): it trains with any size in min_workers..max_workers; 0, 0: a fixed group of `workers`
+    min_workers: int = 0
+    max_workers: int = 0
     gpus_per_worker: float | Literal["auto"] = "auto"   # 0: CPU workers (gloo); >0: GPU workers (NCCL)
     # "auto" (trainer/ray_cluster.py decide_cpus): GPU_WORKER_CPUS for a GPU worker, 1 for a CPU worker
     cpus_per_worker: float | Literal["auto"] = "auto"
@@ -233,6 +240,12 @@ class RunConfig:
         c = _Check("run", self)
         if self.workers != "auto":
             c.integer("workers", 0, 4096, " (0 = local mode, in this process)")
+        c.integer("max_workers", 0, 4096, " (0 = a fixed group of run.workers)")
+        c.integer("min_workers", 0, 4096)
+        if bool(self.min_workers) != bool(self.max_workers):
+            c.fail("min_workers", f"and run.max_workers ({self.max_workers}) must both be 0 (a fixed group) or "
+                                  f"both >= 1 (an elastic one)")
+        c.integer("min_workers", 0, self.max_workers, " (run.max_workers)")
         if self.gpus_per_worker != "auto":
             c.number("gpus_per_worker", 0, 16)
         if self.cpus_per_worker != "auto":
@@ -349,6 +362,10 @@ class Config:
         if r.workers != "auto" and r.workers and t.batch_size % r.workers:
             raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
                              f"run.workers ({r.workers}); e.g. --batch-size {t.batch_size // r.workers * r.workers or r.workers}")
+        if r.max_workers and t.batch_size % r.max_workers:
+            raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
+                             f"run.max_workers ({r.max_workers}), the per-worker micro-batch being batch_size / "
+                             f"max_workers; e.g. --batch-size {t.batch_size // r.max_workers * r.max_workers or r.max_workers}")
         if r.parallel == "model" and t.compile == "on":
             raise ValueError("--parallel model runs eagerly (trainer/parallel.py's two-column forward is not "
                              "compiled); use --set train.compile=auto or off")
