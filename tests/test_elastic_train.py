@@ -101,3 +101,42 @@ def test_accumulated_micro_batches_give_the_global_batch_gradient():
     torch.testing.assert_close(micro_loss, loss)
     torch.testing.assert_close(micro_norm, norm)
     assert not torch.equal(net.fc8.weight.grad, torch.zeros_like(net.fc8.weight))
+
+
+def _ddp_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pipeline.shardset import micro_range
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    net, batches = _net_and_micro_batches()
+    model = DistributedDataParallel(net)
+    first, stop = micro_range(3, rank, 2)              # rank 0 computes 1 micro-batch, rank 1 computes 2
+    accumulate_step(model, batches[first:stop], optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                    criterion=torch.nn.CrossEntropyLoss(), loss_scale=2 / 3)
+    torch.save({k: p.grad for k, p in net.named_parameters()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def _net_and_micro_batches():
+    torch.manual_seed(0)
+    net = AlexNet(10, width=0.1, image_size=63).eval()     # no dropout: every side computes the same function
+    images, labels = torch.randn(24, 3, 63, 63), torch.randint(0, 10, (24,))
+    return net, [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 24, 8)]
+
+
+def test_ddp_ranks_with_uneven_micro_batches_all_reduce_the_global_batch_gradient(tmp_path):
+    """2 ranks share a step of 3 micro-batches (1 and 2, under no_sync() but the last): DDP's all-reduce then
+    gives both ranks the gradient of the whole batch of 24."""
+    out = str(tmp_path / "grads")
+    torch.multiprocessing.spawn(_ddp_rank, args=(_free_port(), out), nprocs=2, join=True)
+    net, batches = _net_and_micro_batches()
+    train_step(net, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
+               optimizer=torch.optim.SGD(net.parameters(), lr=0.1), criterion=torch.nn.CrossEntropyLoss())
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        for k, p in net.named_parameters():
+            torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6)
