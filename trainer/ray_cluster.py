@@ -94,16 +94,17 @@ def _free_port() -> int:
 
 
 def quiet_ray_environment(verbose: bool) -> None:
-    """Settings for the processes Ray starts from here (they inherit this environment).
-
-    - No colour codes around worker-log prefixes when stdout is not a terminal.
-    - Ray Train's preemption watcher off: this project does not read ``ray.train.get_preemption_info()``, and
-      Ray 2.60's watcher actor takes actor handles as constructor arguments with ``max_restarts=-1``, which
-      makes core_worker log an error per worker group ("has constructor arguments in the object store").
-    """
+    """Settings for the processes Ray starts from here (they inherit this environment): no colour codes around
+    worker-log prefixes when stdout is not a terminal."""
     if not verbose and not _stdout_is_terminal():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def watch_preemption(on: bool) -> None:
+    """Ray Train's preemption watcher (it feeds ``ray.train.get_preemption_info()``), on when fit checks for
+    notices (``run.preemption_check_every`` > 0), else off. Ray Train hands this driver's setting to its
+    controller. A value set in the environment wins."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1" if on else "0")
 
 
 def _stdout_is_terminal() -> bool:
@@ -130,7 +131,15 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level=level)
-        return
+    else:
+        _start_local(num_workers, cpus_per_worker, gpus_per_worker, verbose, level)
+    if not verbose:
+        hide_console_lines(WATCHER_NOTICE)
+
+
+def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, verbose: bool,
+                 level: int) -> None:
+    import ray
     import torch
 
     need = math.ceil(num_workers * cpus_per_worker)
@@ -150,6 +159,32 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
              log_to_driver=True, logging_level=level, **dashboard)
 
 
+# Ray 2.60's preemption watcher takes actor handles as constructor arguments with max_restarts=-1, so the
+# controller's core worker logs this error once per worker group; harmless here (a watcher lost with its
+# arguments only means no notice until the next group), so it stays in Ray's logs, off the console.
+WATCHER_NOTICE = "'PreemptionWatcher' and ID"
+
+
+def hide_console_lines(marker: str) -> None:
+    """Drop forwarded worker log lines containing ``marker`` from this driver's console (Ray's log files keep
+    them). Wraps the handler ``ray.init(log_to_driver=True)`` installs (a private Ray API, hence the guard)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs" or getattr(handler, "hides", None) == marker:
+            continue
+
+        def filtered(data, handler=handler):
+            lines = [line for line in data.get("lines", []) if marker not in line]
+            if lines:
+                handler({**data, "lines": lines})
+        filtered.hides = marker
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
+
+
 def ray_log_dir() -> str | None:
     """This node's Ray log folder (the session's ``logs``), or None without a Ray session."""
     import ray
@@ -164,8 +199,9 @@ class FailureNotice(UserCallback):
     """Ray Train callback (runs in its controller): one line in train.log per failed worker, in place of the
     controller's multi-line failure report, which stays in Ray's logs."""
 
-    def __init__(self, run_dir: str, max_failures: int):
+    def __init__(self, run_dir: str, max_failures: int, max_preemption_failures: int = -1):
         self.run_dir, self.max_failures, self.seen = run_dir, max_failures, set()
+        self.max_preemption_failures = max_preemption_failures
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
         for rank, error in sorted(worker_exceptions.items()):
@@ -179,8 +215,19 @@ class FailureNotice(UserCallback):
             if (rank, message) in self.seen:
                 continue
             self.seen.add((rank, message))
+            if preempted(error):   # its node was drained for preemption, then went: counted apart
+                RunLog(self.run_dir)(f"[trainer] rank {rank} lost with its reclaimed node: {message} (Ray Train "
+                                     f"restarts the group from the last checkpoint, up to "
+                                     f"run.max_preemption_failures={self.max_preemption_failures} times, -1: always)")
+                continue
             RunLog(self.run_dir)(f"[trainer] rank {rank} failed: {message} (Ray Train restarts the group from the "
                                  f"last checkpoint up to run.max_failures={self.max_failures} times)")
+
+
+def preempted(error: BaseException) -> bool:
+    """Whether a worker died with a node that was drained for preemption (Ray marks its actor error)."""
+    error = getattr(error, "health_check_failure", error)   # Ray Train wraps the actor's death
+    return bool(getattr(error, "preempted", False))
 
 
 def wait_for_placement(num_workers: int, per_worker: dict[str, float], timeout_s: float) -> None:
