@@ -162,9 +162,9 @@ def groups(run: Path) -> list[dict]:
 
 
 def lost_steps(before: dict, after: list[dict]) -> list[tuple[int, int]]:
-    """Steps ``before`` trained that a later group trained again."""
-    again = {step for g in after for step in g["steps"]}
-    return sorted(step for step in before["steps"] if step in again)
+    """Steps ``before`` trained that the next group trains again: those from the step it resumed at on."""
+    resumed = min(after[0]["steps"])
+    return sorted(step for step in before["steps"] if step >= resumed)
 
 
 def epoch_keys(all_groups: list[dict]) -> dict[int, list[str]]:

@@ -75,8 +75,9 @@ def elastic_run(digits_shards, tmp_path_factory):
     return {"run": run, "train": train, "log": log.read_text(), "ids": (first["id"], one["id"], two["id"])}
 
 
-def test_start_line_says_elastic(elastic_run):
+def test_start_line_says_elastic_and_rays_watcher_lines_stay_off_the_console(elastic_run):
     assert "elastic 1-2 worker(s) x 1 CPU" in elastic_run["log"]
+    assert "PreemptionWatcher" not in elastic_run["log"]
 
 
 def test_group_shrinks_to_one_on_the_reclaim_and_grows_back_to_two(elastic_run):
@@ -91,6 +92,7 @@ def test_the_notice_gives_a_checkpoint_and_no_step_is_lost_to_the_reclaim(elasti
     notice = [x for x in lines if "preemption notice" in x]
     assert notice and "checkpoint now" in notice[0] and "go in" in notice[0], lines[-40:]
     assert any("last checkpoint" in x for x in lines)
+    assert any("lost with its reclaimed node" in x and "run.max_preemption_failures=-1" in x for x in lines)
     reclaimed, after = groups(elastic_run["run"])[0], groups(elastic_run["run"])[1:]
     assert lost_steps(reclaimed, after) == []                      # the group of one repeats no step of the two
     assert min(after[0]["steps"]) == next_step(max(reclaimed["steps"]), steps=20)   # it starts right after

@@ -134,7 +134,7 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
     else:
         _start_local(num_workers, cpus_per_worker, gpus_per_worker, verbose, level)
     if not verbose:
-        hide_console_lines(WATCHER_NOTICE)
+        hide_console_lines(WATCHER_LINES)
 
 
 def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, verbose: bool,
@@ -159,28 +159,29 @@ def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: floa
              log_to_driver=True, logging_level=level, **dashboard)
 
 
-# Ray 2.60's preemption watcher takes actor handles as constructor arguments with max_restarts=-1, so the
-# controller's core worker logs this error once per worker group; harmless here (a watcher lost with its
-# arguments only means no notice until the next group), so it stays in Ray's logs, off the console.
-WATCHER_NOTICE = "'PreemptionWatcher' and ID"
+# Lines of Ray's preemption watcher kept in Ray's logs, off the console: (1) it takes actor handles as
+# constructor arguments with max_restarts=-1, so the controller's core worker logs an error once per worker
+# group (harmless: a watcher lost with its arguments only means no notice until the next group); (2) its
+# warning on a notice, which train.log's "[trainer] preemption notice ..." line says again.
+WATCHER_LINES = ("'PreemptionWatcher' and ID", "PreemptionWatcher: preemption detected")
 
 
-def hide_console_lines(marker: str) -> None:
-    """Drop forwarded worker log lines containing ``marker`` from this driver's console (Ray's log files keep
-    them). Wraps the handler ``ray.init(log_to_driver=True)`` installs (a private Ray API, hence the guard)."""
+def hide_console_lines(markers: tuple[str, ...]) -> None:
+    """Drop forwarded worker log lines containing any of ``markers`` from this driver's console (Ray's log files
+    keep them). Wraps the handler ``ray.init(log_to_driver=True)`` installs (a private Ray API, hence the guard)."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return
     for name, handler in list(dispatcher.handlers):
-        if name != "ray_print_logs" or getattr(handler, "hides", None) == marker:
+        if name != "ray_print_logs" or getattr(handler, "hides", None) == markers:
             continue
 
         def filtered(data, handler=handler):
-            lines = [line for line in data.get("lines", []) if marker not in line]
+            lines = [line for line in data.get("lines", []) if not any(m in line for m in markers)]
             if lines:
                 handler({**data, "lines": lines})
-        filtered.hides = marker
+        filtered.hides = markers
         dispatcher.remove_handler(name)
         dispatcher.add_handler(name, filtered)
 
