@@ -69,16 +69,89 @@ def sample_keys(shard_dir: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------- cluster and fit
 
-def start_cluster(nodes: int = 2):
-    """A head without CPUs (driver, controller) and ``nodes`` nodes of one CPU: one CPU worker per node."""
+class LocalCluster:
+    """A Ray cluster on this machine (``ray.cluster_utils.Cluster``): a head without CPUs (the driver, Ray Train's
+    controller) and nodes of one logical CPU each, so each CPU worker gets its own node.
+
+    The Cluster lives in a child process of its own, which this object drives: ``Cluster`` writes process-wide
+    Ray state when it starts and stops nodes (the internal KV client, the address file, a SIGTERM handler),
+    which must not touch a Ray session of the calling process (pytest's in-process one)."""
+
+    def __init__(self, nodes: int = 2):
+        import multiprocessing
+
+        self._conn, child = multiprocessing.get_context("spawn").Pipe()
+        self._proc = multiprocessing.get_context("spawn").Process(target=_serve_cluster, args=(child, nodes),
+                                                                   daemon=True)
+        self._proc.start()
+        self.address, self.nodes = self._call("describe")
+
+    def _call(self, *request):
+        self._conn.send(request)
+        ok, value = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"cluster {request[0]}: {value}")
+        return value
+
+    def add_node(self) -> str:
+        """A new node of one CPU; returns its node id."""
+        node = self._call("add")
+        self.nodes.append(node)
+        return node
+
+    def kill_node(self, node_id: str) -> None:
+        """SIGKILL every process of that node (its raylet and workers die with it), as a reclaimed VM."""
+        self._call("kill", node_id)
+        self.nodes.remove(node_id)
+
+    def worker_pids(self, node_id: str) -> list[int]:
+        return self._call("pids", node_id)
+
+    def shutdown(self) -> None:
+        try:
+            self._call("shutdown")
+        finally:
+            self._conn.close()
+            self._proc.join(timeout=60)
+
+
+def _serve_cluster(conn, nodes: int) -> None:
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(nodes)]
-    return cluster, workers
+    by_id = {}
+    for _ in range(nodes):
+        node = cluster.add_node(num_cpus=1)
+        by_id[node.node_id] = node
+    while True:
+        command, *args = conn.recv()
+        try:
+            if command == "describe":
+                result = (cluster.address, list(by_id))
+            elif command == "add":
+                node = cluster.add_node(num_cpus=1)
+                by_id[node.node_id] = node
+                result = node.node_id
+            elif command == "kill":
+                cluster.remove_node(by_id.pop(args[0]), allow_graceful=False)
+                result = None
+            elif command == "pids":
+                result = worker_pids(by_id[args[0]])
+            elif command == "shutdown":
+                cluster.shutdown()
+                conn.send((True, None))
+                return
+            conn.send((True, result))
+        except Exception as e:   # report it to the caller, keep serving
+            conn.send((False, f"{type(e).__name__}: {e}"))
 
 
-def start_fit(cluster, train: Path, val: Path, run: Path, log: Path, epochs: int, *extra: str) -> subprocess.Popen:
+def start_cluster(nodes: int = 2) -> LocalCluster:
+    return LocalCluster(nodes)
+
+
+def start_fit(cluster: LocalCluster, train: Path, val: Path, run: Path, log: Path, epochs: int,
+              *extra: str) -> subprocess.Popen:
     env = {**os.environ, **RAY_ENV, "PYTHONPATH": str(REPO), "RAY_ADDRESS": cluster.address,
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = [sys.executable, "-m", "trainer", "fit", "--train", str(train), "--val", str(val), "--out", str(run),
@@ -102,8 +175,8 @@ def wait_for(what: str, predicate, proc: subprocess.Popen, log: Path, timeout: f
         if proc.poll() is not None:
             break
         time.sleep(0.2)
-    raise AssertionError(f"waited {timeout:g} s for {what} (fit {'exited ' + str(proc.returncode) if proc.poll() is not None else 'running'}); "
-                         f"its log:\n" + log.read_text()[-4000:])
+    state = f"exited {proc.returncode}" if proc.poll() is not None else "running"
+    raise AssertionError(f"waited {timeout:g} s for {what} (fit {state}); its log:\n" + log.read_text()[-4000:])
 
 
 def log_lines(run: Path) -> list[str]:
@@ -111,11 +184,11 @@ def log_lines(run: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 
 
-def drain(cluster, node, deadline_s: float) -> None:
+def drain(cluster: LocalCluster, node_id: str, deadline_s: float) -> None:
     """What a spot reclaim does through KubeRay, Ray's autoscaler or cluster/spot_watch.py."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([sys.executable, str(REPO / "cluster" / "spot_watch.py"), "drain", "--address", cluster.address,
-                    "--node-id", node.node_id, "--deadline", str(deadline_s), "--margin", "0",
+                    "--node-id", node_id, "--deadline", str(deadline_s), "--margin", "0",
                     "--why", "spot reclaim (test)"], env=env, check=True, capture_output=True, timeout=60)
 
 
@@ -181,7 +254,7 @@ def epoch_keys(all_groups: list[dict]) -> dict[int, list[str]]:
 # ---------------------------------------------------------------------------------------- the measurement
 
 def reclaim(case: str, train: Path, val: Path, root: Path, deadline_s: float, after: int, *extra: str) -> dict:
-    cluster, nodes = start_cluster()
+    cluster = start_cluster()
     run, log = root / case.replace(" ", "_"), root / f"{case.replace(' ', '_')}.log"
     proc = start_fit(cluster, train, val, run, log, 8, *extra)
     try:
@@ -189,10 +262,10 @@ def reclaim(case: str, train: Path, val: Path, root: Path, deadline_s: float, af
                                                                    and len(g["steps"]) >= after], proc, log, 300)[0]
         t0 = time.monotonic()
         if case == "notice":
-            drain(cluster, nodes[1], deadline_s)
+            drain(cluster, cluster.nodes[1], deadline_s)
             wait_for("the checkpoint before the deadline", lambda: any("last checkpoint" in x for x in log_lines(run))
                      or time.monotonic() - t0 >= deadline_s, proc, log, deadline_s + 60)
-        cluster.remove_node(nodes[1], allow_graceful=False)
+        cluster.kill_node(cluster.nodes[1])
         killed = time.monotonic()
         later = wait_for("the group of one", lambda: [g for g in groups(run) if g["id"] > first["id"] and g["steps"]],
                          proc, log, 300)

@@ -28,7 +28,7 @@ import time
 import pytest
 
 from bench.reclaim import (drain, epoch_keys, groups, log_lines, lost_steps, sample_keys, small_train_set,
-                           start_cluster, start_fit, stop, wait_for, worker_pids)
+                           start_cluster, start_fit, stop, wait_for)
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def elastic_run(digits_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
     train = small_train_set(digits_shards.raw / "train", root / "data")
     run, log = root / "run", root / "fit.log"
-    cluster, nodes = start_cluster(2)
+    cluster = start_cluster(2)
     events, started = {}, time.monotonic()
 
     def mark(name):
@@ -51,19 +51,19 @@ def elastic_run(digits_shards, tmp_path_factory):
         first = wait_for("5 steps of two workers", lambda: [g for g in groups(run) if g["world"] == 2
                                                             and len(g["steps"]) >= 5], proc, log, 240)[0]
         mark("drain")
-        drain(cluster, nodes[1], DEADLINE_S)
+        drain(cluster, cluster.nodes[1], DEADLINE_S)
         wait_for("the last checkpoint before the deadline", lambda: any("last checkpoint" in x for x in log_lines(run)),
                  proc, log, DEADLINE_S + 30)
-        cluster.remove_node(nodes[1], allow_graceful=False)        # the cloud takes the node
+        cluster.kill_node(cluster.nodes[1])                        # the cloud takes the node
         mark("killed")
         one = wait_for("the group of one", lambda: [g for g in groups(run) if g["world"] == 1 and g["steps"]],
                        proc, log, 120)[0]
         mark("shrunk")
-        nodes.append(cluster.add_node(num_cpus=1))
-        two = wait_for("the group of two again", lambda: [g for g in groups(run) if g["id"] > one["id"]
-                                                          and g["world"] == 2 and len(g["steps"]) >= 2], proc, log, 120)[0]
+        added = cluster.add_node()
+        two = wait_for("the group of two again", lambda: [g for g in groups(run) if g["id"] > one["id"] and
+                                                          g["world"] == 2 and len(g["steps"]) >= 2], proc, log, 120)[0]
         mark("grown")
-        os.kill(worker_pids(nodes[-1])[0], signal.SIGTERM)          # a pod deletion / VM shutdown, not via Ray
+        os.kill(cluster.worker_pids(added)[0], signal.SIGTERM)      # a pod deletion / VM shutdown, not via Ray
         wait_for("the SIGTERM notice", lambda: any("SIGTERM on 1 rank(s)" in x for x in log_lines(run)), proc, log, 60)
         epoch = max(e for e, _ in groups(run)[-1]["steps"])
         wait_for("the grown group's next epoch end", lambda: len(read_metrics(run)) > epoch, proc, log, 120)

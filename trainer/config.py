@@ -376,8 +376,8 @@ class Config:
             if not r.out:
                 raise ValueError("run.out is not set: pass --out RUN_DIR")
         if r.max_workers and r.workers not in ("auto", r.max_workers):
-            raise ValueError(f"run.workers ({r.workers}) must be auto or run.max_workers ({r.max_workers}) in an elastic "
-                             f"group; --workers {r.min_workers}-{r.max_workers} sets all three")
+            raise ValueError(f"run.workers ({r.workers}) must be auto or run.max_workers ({r.max_workers}) in an "
+                             f"elastic group; --workers {r.min_workers}-{r.max_workers} sets all three")
         if r.workers != "auto" and r.workers and not r.max_workers and t.batch_size % r.workers:
             raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
                              f"run.workers ({r.workers}); e.g. --batch-size {t.batch_size // r.workers * r.workers or r.workers}")
