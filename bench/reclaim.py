@@ -166,7 +166,7 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def wait_for(what: str, predicate, proc: subprocess.Popen, log: Path, timeout: float):
+def wait_for(what: str, predicate, proc: subprocess.Popen, log: Path, timeout: float, every: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = predicate()
@@ -174,7 +174,7 @@ def wait_for(what: str, predicate, proc: subprocess.Popen, log: Path, timeout: f
             return got
         if proc.poll() is not None:
             break
-        time.sleep(0.2)
+        time.sleep(every)
     state = f"exited {proc.returncode}" if proc.poll() is not None else "running"
     raise AssertionError(f"waited {timeout:g} s for {what} (fit {state}); its log:\n" + log.read_text()[-4000:])
 

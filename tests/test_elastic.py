@@ -14,9 +14,12 @@ worker of ``fit --workers 1-2`` runs on its own node; 640 training samples, 20 s
 2. the group restarts with the one worker that fits, from that last checkpoint;
 3. a new node joins: the group grows back to two workers;
 4. a worker process of the grown group gets SIGTERM (a pod deletion, a VM's shutdown): a checkpoint, and
-   training goes on.
+   training goes on;
+5. a few steps later that worker's node is killed without any notice: the group of one restarts from that
+   checkpoint and trains those steps again.
 
-Every rank records the sample keys of each step it trains (``fault.record_keys``).
+Every rank records the sample keys of each step it trains (``fault.record_keys``): which steps were trained
+twice, and that each epoch, whatever was rolled back, gave the optimizer every sample exactly once.
 """
 from __future__ import annotations
 
@@ -63,16 +66,39 @@ def elastic_run(digits_shards, tmp_path_factory):
         two = wait_for("the group of two again", lambda: [g for g in groups(run) if g["id"] > one["id"] and
                                                           g["world"] == 2 and len(g["steps"]) >= 2], proc, log, 120)[0]
         mark("grown")
-        os.kill(cluster.worker_pids(added)[0], signal.SIGTERM)      # a pod deletion / VM shutdown, not via Ray
-        wait_for("the SIGTERM notice", lambda: any("SIGTERM on 1 rank(s)" in x for x in log_lines(run)), proc, log, 60)
+        # early in an epoch, so that the SIGTERM's checkpoint is still the newest when the node goes
+        wait_for("an epoch's early steps", lambda: 1 <= max(groups(run)[-1]["steps"])[1] <= 5, proc, log, 60, 0.02)
+        pid = cluster.worker_pids(added)[0]
+        os.kill(pid, signal.SIGTERM)                                # a pod deletion / VM shutdown, not via Ray
+        notice = wait_for("the SIGTERM notice", lambda: [x for x in log_lines(run) if "SIGTERM on 1 rank(s)" in x],
+                          proc, log, 60, 0.02)[0]
+        at = notice_step(notice)
+        wait_for("a step after it", lambda: at_least(groups(run)[-1]["steps"], at, 1), proc, log, 60, 0.02)
+        os.kill(pid, signal.SIGSTOP)   # the group steps no further (these tiny steps would reach the epoch's end)
+        cluster.kill_node(added)                                   # no notice this time
+        mark("killed unannounced")
+        last = wait_for("the group of one again", lambda: [g for g in groups(run) if g["id"] > two["id"] and
+                                                           g["steps"]], proc, log, 120)[0]
+        mark("shrunk again")
         epoch = max(e for e, _ in groups(run)[-1]["steps"])
-        wait_for("the grown group's next epoch end", lambda: len(read_metrics(run)) > epoch, proc, log, 120)
+        wait_for("that group's epoch end", lambda: len(read_metrics(run)) > epoch, proc, log, 120)
         mark("done")
     finally:
         stop(proc)
         cluster.shutdown()
     print("elastic scenario, seconds since the fit started:", events)
-    return {"run": run, "train": train, "log": log.read_text(), "ids": (first["id"], one["id"], two["id"])}
+    return {"run": run, "train": train, "log": log.read_text(), "sigterm_at": at,
+            "ids": (first["id"], one["id"], two["id"], last["id"])}
+
+
+def notice_step(line: str) -> tuple[int, int]:
+    """(epoch, step), 0-based, of a ``preemption notice at epoch E step S/N`` line."""
+    epoch, step = re.search(r"at epoch (\d+) step (\d+)/", line).groups()
+    return int(epoch) - 1, int(step) - 1
+
+
+def at_least(steps: dict, after: tuple[int, int], n: int) -> bool:
+    return sum(1 for s in steps if s > after) >= n
 
 
 def test_start_line_says_elastic_and_rays_watcher_lines_stay_off_the_console(elastic_run):
@@ -82,9 +108,9 @@ def test_start_line_says_elastic_and_rays_watcher_lines_stay_off_the_console(ela
 
 def test_group_shrinks_to_one_on_the_reclaim_and_grows_back_to_two(elastic_run):
     sizes = [g["world"] for g in groups(elastic_run["run"])]
-    assert sizes[:3] == [2, 1, 2], sizes
+    assert sizes == [2, 1, 2, 1], sizes
     resizes = [r for line in read_metrics(elastic_run["run"]) for r in line.get("resizes", [])]
-    assert [(r["from"], r["to"]) for r in resizes][:2] == [(2, 1), (1, 2)], resizes
+    assert [(r["from"], r["to"]) for r in resizes] == [(2, 1), (1, 2), (2, 1)], resizes
 
 
 def test_the_notice_gives_a_checkpoint_and_no_step_is_lost_to_the_reclaim(elastic_run):
@@ -103,11 +129,16 @@ def next_step(at: tuple[int, int], steps: int) -> tuple[int, int]:
     return (epoch, step + 1) if step + 1 < steps else (epoch + 1, 0)
 
 
-def test_sigterm_to_a_worker_gives_a_checkpoint_and_training_goes_on(elastic_run):
+def test_sigterm_to_a_worker_gives_a_checkpoint_and_an_unannounced_loss_resumes_from_it(elastic_run):
     lines = log_lines(elastic_run["run"])
     sigterm = [i for i, x in enumerate(lines) if "SIGTERM on 1 rank(s)" in x]
     assert sigterm and "checkpoint now, training goes on" in lines[sigterm[0]]
     assert any(re.match(r"\[trainer\] epoch \d+/40 step \d+/20 ", x) for x in lines[sigterm[0] + 1:])   # steps after it
+    # the unannounced loss is a failure (max_failures), not a reclaim
+    assert any(x.startswith("[trainer] rank ") and " failed: " in x for x in lines[sigterm[0]:])
+    grown, last = groups(elastic_run["run"])[2:]
+    assert min(last["steps"]) == next_step(elastic_run["sigterm_at"], steps=20)   # from the SIGTERM's checkpoint
+    assert len(lost_steps(grown, [last])) >= 1                      # what the grown group did after it: again
 
 
 def test_each_epoch_trains_on_every_sample_exactly_once(elastic_run):

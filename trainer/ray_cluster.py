@@ -213,9 +213,11 @@ class FailureNotice(UserCallback):
                 message = text[0]
             else:                                     # a raised error: its traceback's last line
                 message = text[-1]
-            if (rank, message) in self.seen:
+            # Ray Train calls this on every poll while the error stands: one line per worker (actor) and error
+            key = (rank, message, getattr(getattr(error, "health_check_failure", error), "actor_id", None))
+            if key in self.seen:
                 continue
-            self.seen.add((rank, message))
+            self.seen.add(key)
             if preempted(error):   # its node was drained for preemption, then went: counted apart
                 RunLog(self.run_dir)(f"[trainer] rank {rank} lost with its reclaimed node: {message} (Ray Train "
                                      f"restarts the group from the last checkpoint, up to "
