@@ -92,6 +92,10 @@ class LoaderConfig:
     # GPU graphs only: the share of images nvJPEG gives the hardware JPEG decoder (0-1); None keeps
     # GPU_DECODER_SETTINGS' value (pipeline/dali_loader.py). CPU graphs ignore it.
     hw_decoder_load: float | None = None
+    # training: the samples one optimizer step takes from the whole group; 0 = batch_size * world_size. A
+    # multiple of batch_size, at least world_size batches: ranks then compute an uneven number of batches (the
+    # micro-batches of gradient accumulation, shardset.micro_range) and read shares in proportion
+    global_batch: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -104,6 +108,10 @@ class LoaderConfig:
                       "shuffle_buffer", "prefetch"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
                 bad(field, "must be a positive integer")
+        if not isinstance(self.global_batch, int) or self.global_batch < 0 or (self.global_batch and (
+                self.global_batch % self.batch_size or self.global_batch < self.batch_size * self.world_size)):
+            bad("global_batch", f"must be 0 (batch_size * world_size) or a multiple of batch_size={self.batch_size} "
+                                f"of at least world_size={self.world_size} batches")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             bad("num_workers", "must be 0 (load in the main process) or more")
         if not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
@@ -151,6 +159,11 @@ class LoaderConfig:
     def crop_fraction(self) -> float:
         """The random crop's side as a fraction of the resized shorter side (224/256 in the paper)."""
         return self.image_size / self.resize_shorter
+
+    @property
+    def units(self) -> int:
+        """Batches of ``batch_size`` in one global step, over all ranks (``world_size`` unless ``global_batch``)."""
+        return self.global_batch // self.batch_size if self.global_batch else self.world_size
 
     def replace(self, **changes) -> "LoaderConfig":
         return dataclasses.replace(self, **changes)

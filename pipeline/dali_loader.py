@@ -17,11 +17,16 @@ Resuming mid-epoch: training pipelines are built with DALI's checkpointing on, s
 ``loader.state_dict()`` holds ``pipe.checkpoint()`` (the reader's position, its shuffle buffer and every
 random operator's state after the batches handed out so far) and ``load_state_dict()`` rebuilds the epoch's
 pipeline from it: the resumed loader yields exactly the batches the uninterrupted one would have.
+``load_position()`` (a position taken by a group of another size) instead builds a reader over the samples
+the epoch has not consumed: the same tars, with index files that list only the rank's share of those samples
+(pipeline/shardset.py ``write_index``), so DALI still reads straight from the tars.
 """
 from __future__ import annotations
 
 import re
+import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +40,7 @@ from shards.manifest import ShardError
 from .config import (IMAGENET_MEAN_255, LIGHTING_STD, TEN_CROP_POSITIONS, LoaderConfig, derive_seed,
                      lighting_matrix_255)
 from .loader import Loader, label_error
-from .shardset import ShardSet
+from .shardset import Part, ShardSet, jpg_offsets, write_index
 
 # nvJPEG settings for GPU graphs. DALI's default memory paddings (16 MB device, 8 MB pinned host per
 # decoder thread) replace NVIDIA's full-ImageNet 200 MB / 134 MB: those are paid per thread and per epoch
@@ -109,11 +114,14 @@ def _lighting_mean(enabled: bool):
 
 
 def _graph(cfg: LoaderConfig, paths: list[str], index_paths: list[str], *, train: bool, seed: int,
-           debug: bool, with_source: bool, max_size: tuple[int, int] | None = None):
+           debug: bool, with_source: bool, max_size: tuple[int, int] | None = None, split: bool = True):
+    """``split``: DALI's reader takes the rank's slice of ``paths`` (shard_id / num_shards); else it reads
+    all of them (index files that already list only the rank's samples)."""
     jpegs, cls = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=train, initial_fill=cfg.shuffle_buffer, seed=seed,
-        shard_id=cfg.rank, num_shards=cfg.world_size, stick_to_shard=True, name="reader")
+        shard_id=cfg.rank if split else 0, num_shards=cfg.world_size if split else 1, stick_to_shard=True,
+        name="reader")
     gpu = cfg.device_id is not None
     decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, **ORIENTATION,
                   **(gpu_decoder_settings(cfg, max_size) if gpu else {}))
@@ -156,30 +164,44 @@ def _graph(cfg: LoaderConfig, paths: list[str], index_paths: list[str], *, train
 
 
 def build_pipeline(cfg: LoaderConfig, shardset: ShardSet, *, train: bool, epoch: int = 0,
-                   debug: bool = False, with_source: bool = False, checkpoint: bytes | None = None) -> Pipeline:
+                   debug: bool = False, with_source: bool = False, checkpoint: bytes | None = None,
+                   parts: list[Part] | None = None, seed_parts: tuple[int, ...] | None = None) -> Pipeline:
     """The DALI graph for one epoch of ``cfg.rank``, built and ready to ``run()``.
 
     Outputs ``(images, cls_bytes)``; with ``debug`` also, for training, the paper window
     ``(x0, y0, side, W, H)`` (paper crop only), the mirror flag and the lighting shift (RGB, 0-255);
     with ``with_source`` last the sample's ``source_info`` (``/dir/x.tar:offset:name``).
     Training graphs trace their state (``pipe.checkpoint()``); ``checkpoint`` resumes from one.
+    ``parts``: read exactly these samples, in this order (else the rank's slice of the epoch's tar order);
+    ``seed_parts``: what the random streams are seeded from (default ``(seed, rank, epoch)``).
     """
-    shards = shardset.ordered(derive_seed(cfg.seed, epoch) if train else None)
-    seed = derive_seed(cfg.seed, cfg.rank, epoch)
+    seed = derive_seed(*(seed_parts or (cfg.seed, cfg.rank, epoch)))
     # exec_dynamic (DALI's default, named here because to_torch relies on it): outputs are reference-counted
     # buffers that later iterations do not overwrite
     pipe = Pipeline(batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=cfg.device_id,
                     seed=seed, prefetch_queue_depth=cfg.prefetch, enable_checkpointing=train,
                     checkpoint=checkpoint, exec_dynamic=True)
-    with pipe:
-        pipe.set_outputs(*_graph(cfg, [s.tar for s in shards], [s.index for s in shards], train=train,
-                                 seed=seed, debug=debug, with_source=with_source, max_size=shardset.max_size))
-    try:
-        pipe.build()
-    except RuntimeError as e:
-        if not _about_data(e):
-            raise
-        raise _shard_error(e, shardset) from None
+    with tempfile.TemporaryDirectory(prefix="dali-index-") as tmp:   # DALI parses index files while building
+        if parts is None:
+            shards = shardset.ordered(derive_seed(cfg.seed, epoch) if train else None)
+            paths, index_paths = [s.tar for s in shards], [s.index for s in shards]
+        else:
+            paths, index_paths = [p.shard.tar for p in parts], []
+            for k, part in enumerate(parts):
+                if part.whole:
+                    index_paths.append(part.shard.index)
+                else:
+                    index_paths.append(str(Path(tmp) / f"{k}.idx"))
+                    write_index(part, index_paths[-1])
+        with pipe:
+            pipe.set_outputs(*_graph(cfg, paths, index_paths, train=train, seed=seed, debug=debug,
+                                     with_source=with_source, max_size=shardset.max_size, split=parts is None))
+        try:
+            pipe.build()
+        except RuntimeError as e:
+            if not _about_data(e):
+                raise
+            raise _shard_error(e, shardset) from None
     return pipe
 
 
@@ -287,14 +309,30 @@ class _DaliLoader(Loader):
         self._ahead = None   # _Ahead for the next epoch, once this one's last batch is read
 
     def state_dict(self) -> dict:
-        """Where the current epoch stands: ``{"epoch", "step", "dali"}`` (training loaders, mid-iteration)."""
+        """Where the current epoch stands: ``{"epoch", "step", "dali"}`` (training loaders, mid-iteration; once
+        the epoch is over, without ``"dali"``)."""
         if self._pipe is None:
+            if self.train and self._step >= self.steps:
+                return super().state_dict()
             raise RuntimeError("state_dict() is taken while iterating a training loader")
         return {**super().state_dict(), "dali": self._pipe.checkpoint()}
 
-    def _build(self, epoch: int, checkpoint: bytes | None = None):
+    def _build(self, epoch: int, base: np.ndarray | None = None, checkpoint: bytes | None = None):
+        """Epoch ``epoch``'s pipeline; training pipelines read past ``base`` (the samples already consumed) and
+        always name their samples (``source_info``), which the loader marks as consumed."""
+        parts = self._parts(epoch, base) if self.train else None
         return build_pipeline(self.cfg, self.shardset, train=self.train, epoch=epoch,
-                              with_source=self.with_source, checkpoint=checkpoint)
+                              with_source=self.with_source or self.train, checkpoint=checkpoint, parts=parts,
+                              seed_parts=self._seed_parts(epoch, base))
+
+    def _numbers(self, source_info) -> np.ndarray:
+        """The split-wide sample numbers of a batch, from DALI's ``source_info`` (``/dir/x.tar:offset:key.jpg``)."""
+        out = np.empty(len(source_info), dtype=np.int64)
+        for i in range(len(source_info)):
+            tar, offset, _ = np.array(source_info[i]).tobytes().decode().rsplit(":", 2)
+            shard = self._by_tar[tar]
+            out[i] = shard.first + int(np.searchsorted(jpg_offsets(shard.index), int(offset)))
+        return out
 
     def _start(self, resume: dict | None):
         """This epoch's pipeline and whether its first batch is already scheduled: the one built ahead
@@ -304,11 +342,13 @@ class _DaliLoader(Loader):
         if pipe is not None and resume is None and ahead.key == (self.epoch, self.with_source):
             return pipe, True
         del pipe
-        return self._build(self.epoch, resume["dali"] if resume else None), False
+        return self._build(self.epoch, self._base, resume.get("dali") if resume else None), False
 
     def _batches(self):
         resume = self._take_resume()
-        start = resume["step"] if resume else 0
+        start = self._begin(resume)
+        if start >= self.steps:
+            return
         pipe, scheduled = self._start(resume)
         self._pipe = pipe
         # run() is schedule_run() + outputs() (DALI refuses mixing the two). The first schedule_run()
@@ -334,9 +374,11 @@ class _DaliLoader(Loader):
                 if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.shardset.classes):
                     raise self._label_error(labels, step)
                 labels = labels.to(self.device, non_blocking=True)
+                if self.train:
+                    self._mark(self._numbers(source[0]))
                 self._step = step + 1
                 yield self._with_keys((finish_images(to_torch(images, self.device), self.cfg), labels),
-                                      sample_keys(source[0]) if source else [])
+                                      sample_keys(source[0]) if self.with_source else [])
         finally:
             self._pipe = None
             del pipe
@@ -350,6 +392,8 @@ class _DaliLoader(Loader):
     def _suspects(self, step: int) -> list[str]:
         """The tars batch ``step`` can have come from: the reader has read at most the batches so far,
         the prefetched ones and the shuffle buffer of this rank's slice."""
+        if self.train and (self._base is not None or self.cfg.units != self.cfg.world_size):
+            return [p.shard.tar for p in self._parts(self.epoch, self._base)]
         b = self.cfg.batch_size
         ahead = (self.cfg.prefetch * b + self.cfg.shuffle_buffer) if self.train else 0
         first = self.rank_start + (0 if self.train else step * b)

@@ -13,6 +13,8 @@ Resuming mid-epoch (``load_state_dict``) replays the epoch deterministically and
 already trained on: every draw comes from generators seeded by (seed, rank, epoch, worker), so the
 remaining batches are exactly the uninterrupted ones. The skipped batches are still read and augmented
 (the augmentation draws share one generator with the shuffle), which costs their loading time once.
+``load_position`` (a position taken by a group of another size) reads the rank's share of the samples the
+epoch has not consumed, as the DALI loader does (:meth:`pipeline.loader.Loader._parts`).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from shards.manifest import ShardError
 from .config import (IMAGENET_MEAN_255, IMAGENET_STD_255, LIGHTING_STD, TEN_CROP_POSITIONS, LoaderConfig,
                      derive_seed, lighting_matrix_255)
 from .loader import Loader, label_error
-from .shardset import Shard, ShardSet, rank_range
+from .shardset import Part, Shard, ShardSet, rank_range
 
 _MEAN = np.array(IMAGENET_MEAN_255, dtype=np.float32)
 _LIGHTING = lighting_matrix_255().astype(np.float32)
@@ -64,6 +66,29 @@ def read_range(shards: list[Shard], start: int, stop: int) -> Iterator[tuple[int
         first = last
         if first >= stop:
             break
+
+
+def read_parts(parts: list[Part]) -> Iterator[tuple[int, tuple[int, dict]]]:
+    """``(position, (sample number, sample))`` for the samples of ``parts`` in order, positions counted from
+    0; each tar is read up to its last wanted sample."""
+    position = 0
+    for part in parts:
+        wanted, k = part.samples, 0
+        if not len(wanted):
+            continue
+        try:
+            for i, sample in enumerate(tarfile_samples([{"url": part.shard.tar}])):
+                if i == wanted[k]:
+                    yield position, (part.shard.first + i, sample)
+                    position, k = position + 1, k + 1
+                    if k == len(wanted):
+                        break
+        except ShardError:
+            raise
+        except Exception as e:  # tarfile / webdataset errors: name the shard, keep one line
+            raise ShardError(f"{part.shard.tar}: unreadable at sample {wanted[k]} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); rebuild the split "
+                             f"with `python -m shards build`") from None
 
 
 def take_turns(items: Iterable[tuple[int, dict]], worker: int, num_workers: int,
@@ -223,25 +248,33 @@ def eval_transform(image: Image.Image, cfg: LoaderConfig) -> torch.Tensor:
 # --- the dataset and the loaders ----------------------------------------------------------------
 
 class _RankSlice(IterableDataset):
-    """The rank's slice for one epoch, split among DataLoader workers by whole batches."""
+    """The rank's slice for one epoch, split among DataLoader workers by whole batches: ``parts`` (training),
+    else its slice of the stored order. Yields (pixels, label, key, sample number)."""
 
-    def __init__(self, cfg: LoaderConfig, shardset: ShardSet, train: bool, epoch: int):
+    def __init__(self, cfg: LoaderConfig, shardset: ShardSet, train: bool, epoch: int,
+                 parts: list[Part] | None = None, seed_parts: tuple[int, ...] | None = None):
         self.cfg, self.shardset, self.train, self.epoch = cfg, shardset, train, epoch
+        self.parts, self.seed_parts = parts, seed_parts or (cfg.seed, cfg.rank, epoch)
+
+    def _read(self) -> Iterator[tuple[int, tuple[int, dict]]]:
+        if self.parts is not None:
+            return read_parts(self.parts)
+        shards = self.shardset.ordered(None)
+        start, stop = rank_range(self.shardset.num_samples, self.cfg.rank, self.cfg.world_size)
+        return ((p, (start + p, sample)) for p, sample in read_range(shards, start, stop))
 
     def __iter__(self):
         cfg = self.cfg
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        shards = self.shardset.ordered(derive_seed(cfg.seed, self.epoch) if self.train else None)
-        start, stop = rank_range(self.shardset.num_samples, cfg.rank, cfg.world_size)
-        items = take_turns(read_range(shards, start, stop), worker, workers, cfg.batch_size)
-        rng = random.Random(derive_seed(cfg.seed, cfg.rank, self.epoch, worker))
+        items = take_turns(self._read(), worker, workers, cfg.batch_size)
+        rng = random.Random(derive_seed(*self.seed_parts, worker))
         if self.train:
             items = buffer_shuffle(items, max(1, cfg.shuffle_buffer // workers), rng)
-        for position, sample in items:
+        for position, (number, sample) in items:
             image, label = decode(sample, self.shardset)
             pixels = train_transform(image, cfg, rng) if self.train else eval_transform(image, cfg)
-            yield pixels, label, sample["__key__"]
+            yield pixels, label, sample["__key__"], number
 
 
 def _one_line(e: Exception) -> ShardError:
@@ -257,7 +290,15 @@ class _ReferenceLoader(Loader):
 
     def _batches(self):
         cfg = self.cfg
-        loader = DataLoader(_RankSlice(cfg, self.shardset, self.train, self.epoch), batch_size=cfg.batch_size,
+        if self.train:
+            parts = self._parts(self.epoch, self._base)
+            if parts is None:   # the rank's slice of the epoch's tar order, as DALI's reader splits it
+                start, stop = rank_range(self.shardset.num_samples, cfg.rank, cfg.world_size)
+                parts = ShardSet.parts(self.shardset.ordered(derive_seed(cfg.seed, self.epoch)), None, start, stop)
+            dataset = _RankSlice(cfg, self.shardset, True, self.epoch, parts, self._seed_parts(self.epoch, self._base))
+        else:
+            dataset = _RankSlice(cfg, self.shardset, False, self.epoch)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size,
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
                             prefetch_factor=2 if cfg.num_workers else None)
         try:
@@ -277,13 +318,15 @@ class ReferenceTrainLoader(_ReferenceLoader):
     train = True
 
     def __iter__(self):
-        resume = self._take_resume()
-        skip = int(resume["step"]) if resume else 0
-        for step, (images, labels, keys) in enumerate(self._batches()):
+        skip = self._begin(self._take_resume())
+        if skip >= self.steps:
+            return
+        for step, (images, labels, keys, numbers) in enumerate(self._batches(), start=self._first_step(self._base)):
             if step == self.steps:
                 break
             if step < skip:
                 continue
+            self._mark(numbers.numpy())
             self._step = step + 1
             yield self._with_keys((self._finish(images), labels.to(self.device)), keys)
 
@@ -294,7 +337,7 @@ class ReferenceEvalLoader(_ReferenceLoader):
     def __iter__(self):
         cfg, step = self.cfg, 0
         b, size = cfg.batch_size, cfg.image_size
-        for images, labels, keys in self._batches():
+        for images, labels, keys, _ in self._batches():
             yield self._with_keys(self._pad(images, labels) + (self._mask(step),), keys)
             step += 1
         shape = (b, 10, 3, size, size) if cfg.ten_crop else (b, 3, size, size)

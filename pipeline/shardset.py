@@ -7,10 +7,13 @@ DataLoader worker. The partition helpers are pure functions so they are tested o
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from shards.manifest import ShardError, load_classes, load_manifest
 
@@ -20,9 +23,21 @@ MAX_SIDE = 1 << 16  # JPEG's limit on a side
 
 @dataclass(frozen=True)
 class Shard:
-    tar: str      # absolute path of the .tar
-    index: str    # absolute path of its DALI index
-    count: int    # samples in it
+    tar: str        # absolute path of the .tar
+    index: str      # absolute path of its DALI index
+    count: int      # samples in it
+    first: int = 0  # the split-wide number of its first sample (tars in stored order, samples in tar order)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Some samples of one tar, as a rank reads them: ``samples`` are indices inside the tar, ascending."""
+    shard: Shard
+    samples: np.ndarray
+
+    @property
+    def whole(self) -> bool:
+        return len(self.samples) == self.shard.count
 
 
 # --- partitions (pure) --------------------------------------------------------------------------
@@ -33,8 +48,23 @@ def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def train_steps(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Full batches per epoch, the same on every rank: the smallest rank's share, last batch dropped."""
+    """Full batches per epoch, the same on every rank: the smallest rank's share, last batch dropped.
+    Equal to ``num_samples // (world_size * batch_size)``: the epoch's global steps, whatever the split."""
     return (num_samples // world_size) // batch_size
+
+
+def micro_range(units: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The [first, stop) of the ``units`` micro-batches of a global step that ``rank`` computes: as even a split
+    as whole micro-batches allow (``units // world_size`` or one more each); ``units == world_size``: one each."""
+    return units * rank // world_size, units * (rank + 1) // world_size
+
+
+def share_range(total: int, rank: int, world_size: int, units: int) -> tuple[int, int]:
+    """The [start, stop) of ``total`` positions that ``rank`` reads, in proportion to its micro-batches:
+    ``rank_range`` when every rank computes the same number. Each rank's share is at least
+    ``floor(total * its micro-batches / units)``, so ``total >= steps * global batch`` feeds ``steps`` steps."""
+    first, stop = micro_range(units, rank, world_size)
+    return total * first // units, total * stop // units
 
 
 def eval_steps(num_samples: int, world_size: int, batch_size: int) -> int:
@@ -116,7 +146,7 @@ class ShardSet:
         manifest = load_manifest(root)
         classes = tuple(load_classes(root))
         fix = f"rebuild the split with `python -m shards build` (check with `python -m shards verify {root}`)"
-        shards = []
+        shards, first = [], 0
         for entry in manifest["shards"]:
             tar, index = root / entry["name"], root / entry["index"]
             size = tar.stat().st_size
@@ -124,7 +154,8 @@ class ShardSet:
                 what = "truncated" if size < entry["bytes"] else "changed"
                 raise ShardError(f"{tar}: {what} ({size} bytes, manifest.json says {entry['bytes']}); {fix}")
             _parse_index(index, tar, entry["count"], size)
-            shards.append(Shard(str(tar), str(index), int(entry["count"])))
+            shards.append(Shard(str(tar), str(index), int(entry["count"]), first))
+            first += int(entry["count"])
         return cls(str(root), manifest["split"], tuple(shards), classes, _max_size(manifest, root, fix))
 
     def ordered(self, seed: int | None) -> list[Shard]:
@@ -140,9 +171,51 @@ class ShardSet:
             first += shard.count
         return found
 
+    @staticmethod
+    def parts(order: list[Shard], keep: np.ndarray | None, start: int, stop: int) -> list[Part]:
+        """Positions [start, stop) of the samples ``keep`` marks (a bool per split-wide sample number; None:
+        all), counted through the tars in ``order`` and each tar in its own order: what one rank reads."""
+        found, position = [], 0
+        for shard in order:
+            inside = (np.arange(shard.count) if keep is None
+                      else np.flatnonzero(keep[shard.first:shard.first + shard.count]))
+            lo, hi = max(start - position, 0), min(stop - position, len(inside))
+            if lo < hi:
+                found.append(Part(shard, inside[lo:hi]))
+            position += len(inside)
+            if position >= stop:
+                break
+        return found
+
     def shard_of(self, path: str) -> str:
         """The tar a DALI ``source_info`` (``/dir/x.tar:offset:name``) or webdataset url points at."""
         for s in self.shards:
             if path.startswith(s.tar) or path == s.index:
                 return s.tar
         return path
+
+
+# --- sample numbers -----------------------------------------------------------------------------
+
+def index_lines(index: str) -> tuple[str, tuple[str, ...]]:
+    """A DALI index's version (``v1.x``) and its sample lines, one per sample in tar order."""
+    lines = Path(index).read_text().splitlines()
+    return lines[0].split()[0], tuple(lines[1:])
+
+
+@functools.lru_cache(maxsize=8192)   # a few int64 per sample; read only for tars a rank reads
+def jpg_offsets(index: str) -> np.ndarray:
+    """Each sample's ``jpg`` offset in its tar (ascending): what DALI's ``source_info`` names a sample by."""
+    version, lines = index_lines(index)
+    step = 4 if version >= "v1.2" else 3   # ext offset size [name] per component
+    offsets = []
+    for line in lines:
+        fields = line.split()
+        offsets.append(int(fields[fields[0::step].index("jpg") * step + 1]))
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def write_index(part: Part, path: str | os.PathLike) -> None:
+    """A DALI index for the samples of ``part`` only: DALI's reader then reads just those from the whole tar."""
+    version, lines = index_lines(part.shard.index)
+    Path(path).write_text(f"{version} {len(part.samples)}\n" + "".join(lines[i] + "\n" for i in part.samples))

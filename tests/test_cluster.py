@@ -6,6 +6,7 @@ tests/test_cluster_e2e.py.
 from __future__ import annotations
 
 import copy
+import datetime
 import re
 import shlex
 from pathlib import Path
@@ -37,6 +38,11 @@ def flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
+def most_workers(args: list[str]) -> int:
+    """``--workers N`` or the MAX of an elastic ``--workers MIN-MAX``."""
+    return int(flag(args, "--workers").rpartition("-")[2])
+
+
 @pytest.mark.parametrize("name", CLUSTER_YAMLS)
 def test_cluster_yaml_passes_rays_validation(name):
     config = prepare_config(copy.deepcopy(load(name)))  # what `ray up` does before launching anything
@@ -53,7 +59,7 @@ def test_cluster_yaml_passes_rays_validation(name):
 def test_worker_counts_fit_the_documented_submission(name):
     config = prepare_config(copy.deepcopy(load(name)))
     args = documented_fit_args()
-    gpus_wanted = int(flag(args, "--workers")) * int(flag(args, "--gpus-per-worker"))
+    gpus_wanted = most_workers(args) * int(flag(args, "--gpus-per-worker"))
     workers = [t for k, t in config["available_node_types"].items() if k != config["head_node_type"]]
     assert all(t["min_workers"] <= t["max_workers"] <= config["max_workers"] for t in workers)
     gpu_capacity = sum(t["max_workers"] * t["resources"]["GPU"] for t in workers)
@@ -111,7 +117,7 @@ def test_kuberay_gpu_group_matches_the_workers_and_every_container_has_the_token
     (worker,) = group["template"]["spec"]["containers"]
     gpus = int(worker["resources"]["limits"]["nvidia.com/gpu"])
     assert int(flag(args, "--gpus-per-worker")) == gpus
-    assert int(flag(args, "--workers")) <= group["replicas"] * gpus
+    assert most_workers(args) <= group["replicas"] * gpus
     containers = [*spec["headGroupSpec"]["template"]["spec"]["containers"], worker,
                   *job["spec"]["submitterPodTemplate"]["spec"]["containers"]]
     for c in containers:
@@ -131,3 +137,42 @@ def test_runtime_env_is_valid_and_leaves_data_out():
     assert "working_dir" not in config  # it comes from `--working-dir .`
     for pattern in (".venv/", ".git/", "demo_data/", "runs/", "*.tar", "*.pt"):
         assert pattern in config["excludes"]
+
+
+# ---------------------------------------------------------------- spot reclaims reach Ray (docs/cluster.md)
+
+@pytest.mark.parametrize("name, source", [("aws.yaml", "aws"), ("gcp.yaml", "gcp")])
+def test_spot_workers_turn_the_clouds_notice_into_a_ray_drain(name, source):
+    config = load(name)
+    start = " ".join(config["worker_start_ray_commands"])
+    assert f"RAY_AUTH_MODE=token nohup python ~/alexnet-pipeline/cluster/spot_watch.py {source} " in start
+    assert "spot_watch" not in " ".join(config["head_start_ray_commands"])     # the head is not spot
+    if source == "aws":   # IMDSv2 must answer inside the container (one hop more than the host)
+        options = config["available_node_types"]["gpu_worker"]["node_config"]["MetadataOptions"]
+        assert options["HttpPutResponseHopLimit"] >= 2
+
+
+def test_kuberay_workers_drain_before_the_pod_goes():
+    group = kuberay_job()["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    (worker,) = group["containers"]
+    command = shlex.split(worker["lifecycle"]["preStop"]["exec"]["command"][-1].split(";")[0])
+    assert command[:3] == ["python", "/home/ray/alexnet-pipeline/cluster/spot_watch.py", "drain"]
+    deadline = float(flag(command, "--deadline"))
+    # the drain's deadline falls inside the pod's grace period, leaving the kubelet's SIGTERM/SIGKILL after it
+    assert deadline <= group["terminationGracePeriodSeconds"]
+
+
+def test_spot_watch_reads_the_clouds_deadline_and_drains_for_preemption():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("spot_watch", REPO / "cluster" / "spot_watch.py")
+    spot_watch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spot_watch)
+    action = '{"action": "terminate", "time": "2026-11-28T14:02:00Z"}'   # EC2's instance-action document
+    now = datetime.datetime(2026, 11, 28, 14, 0, 0, tzinfo=datetime.timezone.utc).timestamp()
+    assert spot_watch.aws_seconds_left(action, now) == 120.0
+    command = spot_watch.drain_command("10.0.0.1:6379", "ab" * 28, 115.7, "EC2 spot interruption notice")
+    assert command[:2] == ["ray", "drain-node"]
+    assert flag(command, "--reason") == "DRAIN_NODE_REASON_PREEMPTION"
+    assert flag(command, "--deadline-remaining-seconds") == "115"
+    assert spot_watch.drain_command("a:1", "n", -3, "late")[-1] == "0"

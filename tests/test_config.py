@@ -201,6 +201,12 @@ def test_each_bad_value_is_one_line_naming_only_its_key(setting, message):
      "data.resize_shorter must be 0 or >= data.image_size (128), got 100"),
     (["optim.nesterov=true", "optim.momentum=0"],
      "optim.nesterov needs optim.momentum > 0 (Nesterov momentum without momentum is plain SGD), got True"),
+    (["run.min_workers=3", "run.max_workers=2"], "run.min_workers must be <= 2 (run.max_workers), got 3"),
+    (["run.max_workers=2"], "run.min_workers and run.max_workers (2) must both be 0 (a fixed group) or both >= 1 "
+                            "(an elastic one), got 0"),
+    (["run.min_workers=1", "run.max_workers=3", "train.batch_size=128"],
+     "train.batch_size (128) is the global batch and must divide evenly by run.max_workers (3), the per-worker "
+     "micro-batch being batch_size / max_workers; e.g. --batch-size 126"),
 ])
 def test_checks_between_keys_name_the_refused_key_first(sets, message):
     assert refusal(sets) == message

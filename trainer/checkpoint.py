@@ -200,7 +200,8 @@ class Checkpointer:
         machine: a restart from scratch instead of from step 3). With remote storage (s3://, gs://) nothing
         is on local disk and Ray's registered checkpoint is used."""
         misfits = []
-        found = sorted(self.storage.glob(CHECKPOINT_PREFIX + "*"), reverse=True) if self.storage.is_dir() else []
+        found = sorted((p for p in self.storage.glob(CHECKPOINT_PREFIX + "*") if p.is_dir()), reverse=True) \
+            if self.storage.is_dir() else []   # not Ray's checkpoint_manager_snapshot.json
         for path in found:
             try:
                 state = load(path / TRAINING_STATE)   # weights_only: no pickled code runs

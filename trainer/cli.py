@@ -44,10 +44,11 @@ def parser() -> argparse.ArgumentParser:
 def add_run_flags(f: argparse.ArgumentParser) -> None:
     """The flags fit and ablate share (every run of an ablation is a fit with them)."""
     f.add_argument("--config", metavar="FILE", help="YAML file of config sections")
-    f.add_argument("--workers", type=auto_or(int), metavar="N|auto",
+    f.add_argument("--workers", type=workers_arg, metavar="N|MIN-MAX|auto",
                    help="Ray Train workers (data-parallel ranks); auto (default): one per GPU of the cluster, 1 "
                    "without GPUs; 0 = local mode: train in this process, no Ray cluster (under torchrun, one rank "
-                   "per process)")
+                   "per process); MIN-MAX, e.g. 2-4: an elastic group that trains with any size in between, "
+                   "shrinking when nodes go and growing when they come back")
     f.add_argument("--gpus-per-worker", type=auto_or(float), metavar="G|auto",
                    help="auto (default): 1 (2 with --parallel model) where the cluster has GPUs, else 0; "
                    "0 = CPU workers (gloo); >0 = GPU workers (NCCL)")
@@ -93,8 +94,29 @@ def auto_or(kind: type):
     return parse
 
 
+def workers_arg(text: str):
+    """``--workers``: N, auto, or MIN-MAX (an elastic group)."""
+    low, dash, high = text.partition("-")
+    if not dash:
+        return auto_or(int)(text)
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N, MIN-MAX (e.g. 2-4) or auto, got {text!r}") from None
+
+
+def workers_flags(workers) -> dict:
+    """``--workers`` as config keys: MIN-MAX sets run.min_workers/max_workers (and run.workers to MAX); a fixed
+    N or auto clears them, so the command line wins over an elastic group in --config."""
+    if workers is None:
+        return {}
+    if isinstance(workers, tuple):
+        return {"run.min_workers": workers[0], "run.max_workers": workers[1], "run.workers": workers[1]}
+    return {"run.workers": workers, "run.min_workers": 0, "run.max_workers": 0}
+
+
 def fit_flags(args: argparse.Namespace) -> dict:
-    return {"data.train": args.train, "data.val": args.val, "run.out": args.out, "run.workers": args.workers,
+    return {"data.train": args.train, "data.val": args.val, "run.out": args.out, **workers_flags(args.workers),
             "run.gpus_per_worker": args.gpus_per_worker, "train.epochs": args.epochs,
             "train.batch_size": args.batch_size, "model.width": args.width, "data.loader": args.loader,
             "run.parallel": args.parallel, "data.stage_to": args.stage_to}

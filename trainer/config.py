@@ -50,12 +50,21 @@ train.max_steps_per_epoch      integer >= 0 (0 = full epochs)
 train.log_every                integer >= 1
 train.checkpoint_every         integer >= 0 (0 = at epoch ends only)
 run.workers                    integer 0..4096 (0 = local mode, in this process)
+run.min_workers                integer 0..run.max_workers (elastic group: the fewest workers it trains with)
+run.max_workers                integer 0..4096 (0 = a fixed group of run.workers; else the most workers, and
+                               train.batch_size must divide by it: the per-worker micro-batch is
+                               batch_size / max_workers, docs/training.md "Elastic groups")
 run.gpus_per_worker            [0, 16]; 0 or 2 with run.parallel=model
 run.cpus_per_worker            (0, 1024] or auto (8 for a GPU worker, at most its share of the cluster; 1 on the CPU)
 run.max_failures               integer >= -1 (-1 = retry forever)
 run.placement_timeout_s        (0, 604800] (a week)
+run.resize_check_s             (0, 86400] (an elastic group looks for room to grow this often)
+run.preemption_check_every     integer 0..1000000 (steps between preemption checks; 0 = off)
+run.max_preemption_failures    integer >= -1 (-1 = restart after every reclaim)
+run.preemption_grace_s         [0, 3600] (survivors may run this long past a reclaim's deadline)
 fault.*_at_step                integer >= 0 (0 = off)
 fault.rank                     integer 0..run.workers-1
+fault.record_keys              true or false (each step's sample keys to RUN_DIR/keys/, for exactly-once tests)
 =============================  ====================================================================
 """
 from __future__ import annotations
@@ -253,6 +262,9 @@ class RunConfig:
     out: str = ""                   # RUN_DIR
     # "auto" (trainer/fit.py decide_workers): one worker per GPU of the cluster, one GPU each; no GPU: 1 CPU worker
     workers: int | Literal["auto"] = "auto"
+    # an elastic group (both > 0): it trains with any size in min_workers..max_workers; 0, 0: a fixed group of `workers`
+    min_workers: int = 0
+    max_workers: int = 0
     gpus_per_worker: float | Literal["auto"] = "auto"   # 0: CPU workers (gloo); >0: GPU workers (NCCL)
     # "auto" (trainer/ray_cluster.py decide_cpus): GPU_WORKER_CPUS for a GPU worker, 1 for a CPU worker
     cpus_per_worker: float | Literal["auto"] = "auto"
@@ -260,11 +272,22 @@ class RunConfig:
     max_failures: int = 2           # Ray Train restarts the group from the last checkpoint this often
     save_rank_states: bool = False  # every rank writes RUN_DIR/rank_states/rank<r>.pt each epoch (DDP check)
     placement_timeout_s: float = 120  # wait this long for a cluster with room for every worker, then fail
+    resize_check_s: float = 60      # an elastic group below max_workers checks for room to grow this often
+    # preemption notices (trainer/preemption.py): checked every N steps, a checkpoint on a notice; 0: off
+    preemption_check_every: int = 10
+    max_preemption_failures: int = -1   # restarts after a reclaimed node, counted apart from max_failures
+    preemption_grace_s: float = 0.0     # Ray Train keeps the survivors this long past the reclaim's deadline
 
     def validate(self) -> None:
         c = _Check("run", self)
         if self.workers != "auto":
             c.integer("workers", 0, 4096, " (0 = local mode, in this process)")
+        c.integer("max_workers", 0, 4096, " (0 = a fixed group of run.workers)")
+        c.integer("min_workers", 0, 4096)
+        if bool(self.min_workers) != bool(self.max_workers):
+            c.fail("min_workers", f"and run.max_workers ({self.max_workers}) must both be 0 (a fixed group) or "
+                                  f"both >= 1 (an elastic one)")
+        c.integer("min_workers", 0, self.max_workers, " (run.max_workers)")
         if self.gpus_per_worker != "auto":
             c.number("gpus_per_worker", 0, 16)
         if self.cpus_per_worker != "auto":
@@ -276,6 +299,10 @@ class RunConfig:
         c.integer("max_failures", -1, note=" (-1 = retry forever)")
         c.flag("save_rank_states")
         c.number("placement_timeout_s", 0, 604800, low_open=True)
+        c.number("resize_check_s", 0, 86400, low_open=True)
+        c.integer("preemption_check_every", 0, 1_000_000, " (0 = off)")
+        c.integer("max_preemption_failures", -1, note=" (-1 = restart after every reclaim)")
+        c.number("preemption_grace_s", 0, 3600)
 
 
 @dataclass(kw_only=True)
@@ -285,12 +312,14 @@ class FaultConfig:
     raise_at_step: int = 0          # raise RuntimeError in `rank` before this step
     nan_at_step: int = 0            # `rank`'s loss becomes NaN at this step
     rank: int = 0
+    record_keys: bool = False       # every rank appends each step's sample keys to RUN_DIR/keys/ (tests)
 
     def validate(self) -> None:
         c = _Check("fault", self)
         for name in ("kill_at_step", "raise_at_step", "nan_at_step"):
             c.integer(name, 0, note=" (0 = off)")
         c.integer("rank", 0)
+        c.flag("record_keys")
 
 
 # CPUs (and so DALI decoder threads) a GPU worker gets when run.cpus_per_worker is "auto"
@@ -387,12 +416,19 @@ class Config:
                     raise ValueError(f"data.{key}: {path} is not a directory; build it with `python -m shards build`")
             if not r.out:
                 raise ValueError("run.out is not set: pass --out RUN_DIR")
-        if r.workers != "auto" and r.workers and t.batch_size % r.workers:
+        if r.max_workers and r.workers not in ("auto", r.max_workers):
+            raise ValueError(f"run.workers ({r.workers}) must be auto or run.max_workers ({r.max_workers}) in an "
+                             f"elastic group; --workers {r.min_workers}-{r.max_workers} sets all three")
+        if r.workers != "auto" and r.workers and not r.max_workers and t.batch_size % r.workers:
             raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
                              f"run.workers ({r.workers}); e.g. --batch-size {t.batch_size // r.workers * r.workers or r.workers}")
         if r.parallel == "model" and self.model.columns != 2:
             raise ValueError(f"run.parallel=model places the net's two columns on two devices, model.columns is "
                              f"{self.model.columns}: use --parallel data or --set model.columns=2")
+        if r.max_workers and t.batch_size % r.max_workers:
+            raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
+                             f"run.max_workers ({r.max_workers}), the per-worker micro-batch being batch_size / "
+                             f"max_workers; e.g. --batch-size {t.batch_size // r.max_workers * r.max_workers or r.max_workers}")
         if r.parallel == "model" and t.compile == "on":
             raise ValueError("--parallel model runs eagerly (trainer/parallel.py's two-column forward is not "
                              "compiled); use --set train.compile=auto or off")

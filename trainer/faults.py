@@ -9,8 +9,10 @@ group Ray Train restarts from the last checkpoint runs through that step like an
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +33,55 @@ def _fire_once(run_dir: Path, name: str) -> bool:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"fired by pid {os.getpid()}\n")
     return True
+
+
+class KeyRecorder(Hook):
+    """``fault.record_keys`` (tests, drills): which samples each step trained on, to check exactly-once epochs.
+
+    :meth:`wrap` makes the training loader also yield each batch's sample keys and strips them again for the
+    loop, keeping the keys of the batches taken since the last step; after each step this rank appends one line
+    ``{"epoch", "step", "keys"}`` to ``RUN_DIR/keys/<group>-rank<r>of<world>.jsonl``, ``<group>`` being rank 0's
+    start time in ns (all ranks construct this together). A step recorded by an earlier group and again by a later
+    one was trained twice: the later group resumed before it (the earlier one's work on it was lost)."""
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int, world: int):
+        from trainer.distributed import from_rank0
+
+        group = from_rank0(time.time_ns())
+        self.path = Path(run_dir) / "keys" / f"{group}-rank{rank}of{world}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.taken: list[str] = []
+
+    def wrap(self, loader):
+        loader.with_source = True
+        return _KeysTaken(loader, self.taken)
+
+    def after_step(self, at: Step, loss: torch.Tensor, batch_size: int, progress) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"epoch": at.epoch, "step": at.step, "keys": self.taken}) + "\n")
+        self.taken.clear()
+
+
+class _KeysTaken:
+    """A loader that yields ``(images, labels)`` and puts each batch's keys in ``sink``; the rest is the loader's."""
+
+    def __init__(self, loader, sink: list[str]):
+        self.__dict__.update(_loader=loader, _sink=sink)
+
+    def __iter__(self):
+        self._sink.clear()   # a new epoch or resume: batches taken before it were not trained on
+        for images, labels, keys in self._loader:
+            self._sink.extend(keys)
+            yield images, labels
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._loader, name, value)
 
 
 class FaultInjector(Hook):

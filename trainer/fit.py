@@ -76,8 +76,41 @@ def train_worker(loop_config: dict) -> None:
     place = Placement(rank=ctx.get_world_rank(), world=ctx.get_world_size(), local_rank=ctx.get_local_rank(),
                       devices=worker_devices(cfg, ctx.get_local_rank(), local_mode))
     publish = local_publish(Path(cfg.run.out) / RAY_SUBDIR) if local_mode else ray_publish
-    Trainer(cfg, loop_config["classes"], place, publish, ray.train.get_checkpoint(),
-            log=RunLog(cfg.run.out)).run()
+    trainer = Trainer(cfg, loop_config["classes"], place, publish, ray.train.get_checkpoint(),
+                      log=RunLog(cfg.run.out))
+    if cfg.fault.record_keys:
+        from trainer.faults import KeyRecorder
+
+        recorder = KeyRecorder(cfg.run.out, place.rank, place.world)
+        trainer.train_loader = recorder.wrap(trainer.train_loader)
+        trainer.hooks.append(recorder)
+    if local_mode or not cfg.run.preemption_check_every:
+        trainer.run()
+        return
+    from trainer.preemption import deferring_sigterm
+
+    trainer.hooks.append(preemption_check(trainer, cfg.run.preemption_check_every))
+    with deferring_sigterm():
+        trainer.run()
+
+
+def preemption_check(trainer: Trainer, every: int):
+    """The preemption hook (trainer/preemption.py) for this rank: Ray's notice, checkpoints through ``trainer``."""
+    import ray.train
+
+    from trainer.hooks import NonFinitePolicy
+    from trainer.preemption import PreemptionCheck
+
+    nonfinite = [h for h in trainer.hooks if isinstance(h, NonFinitePolicy)]
+    periodic = trainer.cfg.train.checkpoint_every
+
+    def save(at) -> None:
+        for policy in nonfinite:   # a NaN step found now stops the run before it reaches a checkpoint
+            policy.read(at.steps)
+        if not (periodic and (at.step + 1) % periodic == 0):   # else MidEpochCheckpoint just saved this step
+            trainer.save_mid_epoch(at)
+
+    return PreemptionCheck(every, save, ray.train.get_preemption_info, trainer.device, trainer.log)
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -136,6 +169,8 @@ def choose_workers(cfg: Config, verbose: bool = False) -> str:
                                      joins_existing_cluster, local_resources)
 
     r = cfg.run
+    if r.max_workers:   # elastic: the group is sized by Ray Train as nodes come and go, never "auto"
+        r.workers = r.max_workers
     auto = "auto" in (r.workers, r.gpus_per_worker)
     if not auto and (r.cpus_per_worker != "auto" or not r.gpus_per_worker):   # auto CPUs: GPU workers' share
         resources = {}
@@ -146,8 +181,13 @@ def choose_workers(cfg: Config, verbose: bool = False) -> str:
 
         init_ray(1, 1, 0, verbose=verbose)   # joins RAY_ADDRESS: count *its* GPUs and CPUs
         resources = ray.cluster_resources()
-    r.workers, r.gpus_per_worker, reason = decide_workers(r.workers, r.gpus_per_worker, resources,
-                                                          parallel=r.parallel)
+    if r.max_workers:   # GPUs per worker "auto": what the smallest group would find
+        _, r.gpus_per_worker, reason = decide_workers(r.min_workers, r.gpus_per_worker, resources,
+                                                      parallel=r.parallel)
+        reason = elastic_reason(reason, r.min_workers, r.max_workers, r.gpus_per_worker)
+    else:
+        r.workers, r.gpus_per_worker, reason = decide_workers(r.workers, r.gpus_per_worker, resources,
+                                                              parallel=r.parallel)
     r.cpus_per_worker = decide_cpus(r.cpus_per_worker, r.gpus_per_worker, r.workers, resources.get("CPU", 0))
     if auto and r.workers and cfg.train.batch_size % r.workers:
         raise ValueError(batch_split_error(cfg.train.batch_size, r.workers, reason))
@@ -155,6 +195,19 @@ def choose_workers(cfg: Config, verbose: bool = False) -> str:
     if r.workers:
         init_ray(r.workers, r.cpus_per_worker, r.gpus_per_worker, verbose=verbose)
     return reason
+
+
+def elastic_reason(reason: str, low: int, high: int, gpus: float) -> str:
+    """The start line's reason for an elastic group, e.g. ``as set: elastic 1-4 workers x 1 GPU``."""
+    found = reason.split(": ", 1)[0]
+    return f"{found}: elastic {low}-{high} " + (f"workers x {gpus:g} GPU{'' if gpus == 1 else 's'}" if gpus
+                                                else "CPU workers")
+
+
+def num_workers(cfg: Config) -> int | tuple[int, int]:
+    """Ray Train's ``num_workers``: a fixed size, or ``(min, max)`` for an elastic group."""
+    r = cfg.run
+    return (r.min_workers, r.max_workers) if r.max_workers else r.workers
 
 
 def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
@@ -165,7 +218,8 @@ def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.ray_cluster import FailureNotice
+    from trainer.preemption import preemptible_torch_config
+    from trainer.ray_cluster import FailureNotice, watch_preemption
 
     cfg.run.out = str(Path(cfg.run.out).resolve())
     cfg.data.train, cfg.data.val = _absolute(cfg.data.train), _absolute(cfg.data.val)
@@ -186,14 +240,16 @@ def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
                              f"CUDA GPU; use --gpus-per-worker 0")
     else:
         from trainer.ray_cluster import wait_for_placement
-        wait_for_placement(cfg.run.workers, resources, cfg.run.placement_timeout_s)
+        wait_for_placement(cfg.run.min_workers or cfg.run.workers, resources, cfg.run.placement_timeout_s)
+        watch_preemption(bool(cfg.run.preemption_check_every))
     rank0 = int(os.environ.get("RANK", 0)) == 0   # under torchrun, one process writes the run's files
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)   # only now: a refused run leaves no RUN_DIR behind
         fileio.write_text(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "classes": classes}, indent=1))
         (run_dir / STOPPED).unlink(missing_ok=True)   # left by a run that stopped on a NaN; this one starts over
         where = ("local mode (this process" + (", one rank per torchrun process)" if "RANK" in os.environ else ")")
-                 if local_mode else f"{cfg.run.workers} worker(s)")
+                 if local_mode else f"elastic {cfg.run.min_workers}-{cfg.run.max_workers} worker(s)"
+                 if cfg.run.max_workers else f"{cfg.run.workers} worker(s)")
         each = " + ".join(f"{v:g} {k}" for k, v in resources.items())
         print(f"[trainer] fit: {reason}; {where} x {each}, global batch {cfg.train.batch_size}, "
               f"preset {cfg.preset}, {cfg.precision_note()}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, "
@@ -201,17 +257,25 @@ def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "classes": classes, "verbose": verbose},
-        torch_config=TorchConfig(backend="nccl" if cfg.on_gpu() else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.on_gpu(),
-                                               resources_per_worker=resources),
+        torch_config=(preemptible_torch_config if cfg.run.preemption_check_every else TorchConfig)(
+            backend="nccl" if cfg.on_gpu() else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers(cfg), use_gpu=cfg.on_gpu(),
+                                               resources_per_worker=resources,
+                                               elastic_resize_monitor_interval_s=cfg.run.resize_check_s),
         run_config=ray.train.RunConfig(
             name=RAY_SUBDIR, storage_path=str(run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # a reclaimed spot node counts against max_preemption_failures, not max_failures; the notice's
+            # checkpoint needs every rank (DDP), so Ray's collectives are not relaxed (docs/reliability.md)
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
+                                                   max_preemption_failures=cfg.run.max_preemption_failures,
+                                                   preemption_grace_s=cfg.run.preemption_grace_s,
+                                                   relax_collectives_on_preemption=False),
             # Ray Train's INFO lines (resources, worker group, every report) go to Ray's log folder only
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
-            callbacks=[FailureNotice(str(run_dir), cfg.run.max_failures)]),   # one line per failed worker
+            callbacks=[FailureNotice(str(run_dir), cfg.run.max_failures,   # one line per failed worker
+                                     cfg.run.max_preemption_failures)]),
     )
     try:
         with Follow(run_dir) if rank0 else contextlib.nullcontext():

@@ -74,9 +74,11 @@ class ProgressLog(Hook):
     gets the same figures after every step (a progress bar's feed: trainer/console.py)."""
 
     def __init__(self, every: int, epochs: int, world: int, optimizer: torch.optim.Optimizer,
-                 log: Callable[[str], None] = print, tick: Callable[..., None] | None = None):
+                 log: Callable[[str], None] = print, tick: Callable[..., None] | None = None, global_batch: int = 0):
+        """``global_batch``: the images of one step over all ranks (0: a step's batch times ``world``; ranks of an
+        elastic group may compute different numbers of micro-batches)."""
         self.every, self.epochs, self.world, self.optimizer, self.log = every, epochs, world, optimizer, log
-        self.tick, self.last_loss = tick, float("nan")
+        self.tick, self.last_loss, self.global_batch = tick, float("nan"), global_batch
         self.start_epoch()
 
     def start_epoch(self) -> None:
@@ -88,7 +90,7 @@ class ProgressLog(Hook):
         return left * (now - self.epoch_start) / max(1, self.epoch_steps)
 
     def after_step(self, at: Step, loss: torch.Tensor, batch_size: int, progress: EpochProgress) -> None:
-        self.window_images += batch_size * self.world
+        self.window_images += self.global_batch or batch_size * self.world
         self.epoch_steps += 1
         line_due = not (at.step + 1) % self.every or at.step + 1 == at.steps
         if not line_due and self.tick is None:
@@ -102,6 +104,6 @@ class ProgressLog(Hook):
                      f"{self.window_images / (now - self.window_start):.1f} images/s ETA {duration(eta)}")
             self.window_start, self.window_images = now, 0
         if self.tick is not None:
-            rate = self.epoch_steps * batch_size * self.world / max(1e-9, now - self.epoch_start)
+            rate = self.epoch_steps * (self.global_batch or batch_size * self.world) / max(1e-9, now - self.epoch_start)
             self.tick({"epoch": at.epoch, "epochs": self.epochs, "step": at.step + 1, "steps": at.steps,
                        "loss": self.last_loss, "images_per_s": rate, "eta_s": eta}, force=at.step + 1 == at.steps)

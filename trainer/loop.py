@@ -3,10 +3,15 @@
 Nothing here knows about Ray, checkpoints or run directories. What happens around a step (fault injection,
 the NaN policy, progress lines, mid-epoch checkpoints) comes in as :class:`Hook` objects, so the loop below
 reads top to bottom and runs the same in a Ray Train worker, under ``torchrun`` or in a notebook.
+
+A step may add up the gradients of several micro-batches (``accumulate``, an elastic group's way of keeping
+the global batch when it has fewer workers, docs/training.md): DDP all-reduces only at a step's last one
+(``no_sync()`` before), and nothing in between waits for the device either.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -119,6 +124,39 @@ def counted_train_step(model: torch.nn.Module, images: torch.Tensor, labels: tor
     return loss, grad_norm, correct
 
 
+def no_sync(model: torch.nn.Module, last: bool):
+    """DDP's ``no_sync()`` for every micro-batch of a step but its last: gradients add up on each rank and are
+    all-reduced once, with the last backward. A model without DDP (one rank) needs nothing."""
+    return model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def accumulate_step(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                    optimizer: torch.optim.Optimizer, criterion, grad_clip: float = 0.0, bf16: bool = False,
+                    hooks: Sequence[Hook] = (), at: Step | None = None,
+                    loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`counted_train_step` over a step's micro-batches, their gradients added up; returns (the
+    micro-batches' mean loss, gradient norm, top-1 hits over all of them). Each micro-batch's loss is multiplied
+    by ``loss_scale`` before its backward: world size / micro-batches per global step, so that DDP's mean over
+    ranks is the mean over the global batch even where ranks compute different numbers of micro-batches."""
+    optimizer.zero_grad(set_to_none=True)
+    total = correct = None
+    for j, (images, labels) in enumerate(batches):
+        with no_sync(model, j == len(batches) - 1):
+            with autocast(bf16, images.device):
+                logits = model(images)
+            hits = (logits.detach().argmax(dim=1) == labels).sum()
+            loss = criterion(logits.float(), labels)
+            for hook in hooks:
+                loss = hook.on_loss(loss, at)
+            (loss * loss_scale).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        correct = hits if correct is None else correct + hits
+    grads = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = (torch.nn.utils.clip_grad_norm_(grads, grad_clip) if grad_clip
+                 else torch.nn.utils.get_total_norm([p.grad for p in grads]))
+    return total / len(batches), grad_norm, correct
+
+
 def gated_step(optimizer: torch.optim.Optimizer, applied: torch.Tensor | None) -> None:
     """``optimizer.step()``, skipped where the device flag ``applied`` is False without reading it on the host:
     fused optimizers take the flag as ``found_inf``, as under ``torch.amp.GradScaler``. Any other optimizer
@@ -138,9 +176,10 @@ def gated_step(optimizer: torch.optim.Optimizer, applied: torch.Tensor | None) -
 def train_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler,
                 hooks: Sequence[Hook] = (), *, epoch: int, steps: int, first_step: int = 0,
                 progress: EpochProgress | None = None, criterion=None, grad_clip: float = 0.0,
-                bf16: bool = False) -> EpochProgress:
+                bf16: bool = False, accumulate: int = 1, loss_scale: float = 1.0) -> EpochProgress:
     """Train over ``loader`` from ``first_step`` to ``steps``; return this rank's totals for the epoch.
 
+    Each step takes ``accumulate`` batches from the loader (:func:`accumulate_step`; 1: :func:`train_step`).
     No line here waits for the device: the loss, totals and skip verdicts stay tensors, and hooks read them
     only when they must (a progress line, a checkpoint). ``scheduler.per_step`` says whether the learning rate
     moves every step (else the caller steps it per epoch). A skipped step (a hook's ``accept_step`` said no)
@@ -148,23 +187,28 @@ def train_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim
     criterion = criterion or torch.nn.CrossEntropyLoss()
     progress = progress or EpochProgress()
     model.train()
-    for step, (images, labels) in enumerate(loader, start=first_step):
-        if step >= steps:
+    batches = iter(loader)
+    for step in range(first_step, steps):
+        group = list(itertools.islice(batches, accumulate))   # no batch is taken past the last step
+        if len(group) < accumulate:
             break
         at = Step(epoch, step, steps)
         for hook in hooks:
             hook.before_step(at)
-        loss, grad_norm, correct = counted_train_step(model, images, labels, optimizer=optimizer,
-                                                      criterion=criterion, grad_clip=grad_clip, bf16=bf16,
-                                                      hooks=hooks, at=at)
+        args = dict(optimizer=optimizer, criterion=criterion, grad_clip=grad_clip, bf16=bf16, hooks=hooks, at=at)
+        if accumulate == 1 and loss_scale == 1.0:
+            loss, grad_norm, correct = counted_train_step(model, *group[0], **args)
+        else:
+            loss, grad_norm, correct = accumulate_step(model, group, loss_scale=loss_scale, **args)
         verdicts = [v for v in (hook.accept_step(loss, grad_norm, at) for hook in hooks) if v is not None]
         applied = torch.stack(verdicts).all() if verdicts else None
         gated_step(optimizer, applied)
         if scheduler.per_step:
             scheduler.step()
-        progress.add(loss, labels.shape[0], applied, correct)
+        samples = sum(labels.shape[0] for _, labels in group)
+        progress.add(loss, samples, applied, correct)
         for hook in hooks:
-            hook.after_step(at, loss, labels.shape[0], progress)
+            hook.after_step(at, loss, samples, progress)
     return progress
 
 

@@ -94,16 +94,17 @@ def _free_port() -> int:
 
 
 def quiet_ray_environment(verbose: bool) -> None:
-    """Settings for the processes Ray starts from here (they inherit this environment).
-
-    - No colour codes around worker-log prefixes when stdout is not a terminal.
-    - Ray Train's preemption watcher off: this project does not read ``ray.train.get_preemption_info()``, and
-      Ray 2.60's watcher actor takes actor handles as constructor arguments with ``max_restarts=-1``, which
-      makes core_worker log an error per worker group ("has constructor arguments in the object store").
-    """
+    """Settings for the processes Ray starts from here (they inherit this environment): no colour codes around
+    worker-log prefixes when stdout is not a terminal."""
     if not verbose and not _stdout_is_terminal():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def watch_preemption(on: bool) -> None:
+    """Ray Train's preemption watcher (it feeds ``ray.train.get_preemption_info()``), on when fit checks for
+    notices (``run.preemption_check_every`` > 0), else off. Ray Train hands this driver's setting to its
+    controller. A value set in the environment wins."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1" if on else "0")
 
 
 def _stdout_is_terminal() -> bool:
@@ -130,7 +131,15 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level=level)
-        return
+    else:
+        _start_local(num_workers, cpus_per_worker, gpus_per_worker, verbose, level)
+    if not verbose:
+        hide_console_lines(WATCHER_LINES)
+
+
+def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, verbose: bool,
+                 level: int) -> None:
+    import ray
     import torch
 
     need = math.ceil(num_workers * cpus_per_worker)
@@ -150,6 +159,33 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
              log_to_driver=True, logging_level=level, **dashboard)
 
 
+# Lines of Ray's preemption watcher kept in Ray's logs, off the console: (1) it takes actor handles as
+# constructor arguments with max_restarts=-1, so the controller's core worker logs an error once per worker
+# group (harmless: a watcher lost with its arguments only means no notice until the next group); (2) its
+# warning on a notice, which train.log's "[trainer] preemption notice ..." line says again.
+WATCHER_LINES = ("'PreemptionWatcher' and ID", "PreemptionWatcher: preemption detected")
+
+
+def hide_console_lines(markers: tuple[str, ...]) -> None:
+    """Drop forwarded worker log lines containing any of ``markers`` from this driver's console (Ray's log files
+    keep them). Wraps the handler ``ray.init(log_to_driver=True)`` installs (a private Ray API, hence the guard)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs" or getattr(handler, "hides", None) == markers:
+            continue
+
+        def filtered(data, handler=handler):
+            lines = [line for line in data.get("lines", []) if not any(m in line for m in markers)]
+            if lines:
+                handler({**data, "lines": lines})
+        filtered.hides = markers
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
+
+
 def ray_log_dir() -> str | None:
     """This node's Ray log folder (the session's ``logs``), or None without a Ray session."""
     import ray
@@ -164,8 +200,9 @@ class FailureNotice(UserCallback):
     """Ray Train callback (runs in its controller): one line in train.log per failed worker, in place of the
     controller's multi-line failure report, which stays in Ray's logs."""
 
-    def __init__(self, run_dir: str, max_failures: int):
+    def __init__(self, run_dir: str, max_failures: int, max_preemption_failures: int = -1):
         self.run_dir, self.max_failures, self.seen = run_dir, max_failures, set()
+        self.max_preemption_failures = max_preemption_failures
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
         for rank, error in sorted(worker_exceptions.items()):
@@ -176,11 +213,24 @@ class FailureNotice(UserCallback):
                 message = text[0]
             else:                                     # a raised error: its traceback's last line
                 message = text[-1]
-            if (rank, message) in self.seen:
+            # Ray Train calls this on every poll while the error stands: one line per worker (actor) and error
+            key = (rank, message, getattr(getattr(error, "health_check_failure", error), "actor_id", None))
+            if key in self.seen:
                 continue
-            self.seen.add((rank, message))
+            self.seen.add(key)
+            if preempted(error):   # its node was drained for preemption, then went: counted apart
+                RunLog(self.run_dir)(f"[trainer] rank {rank} lost with its reclaimed node: {message} (Ray Train "
+                                     f"restarts the group from the last checkpoint, up to "
+                                     f"run.max_preemption_failures={self.max_preemption_failures} times, -1: always)")
+                continue
             RunLog(self.run_dir)(f"[trainer] rank {rank} failed: {message} (Ray Train restarts the group from the "
                                  f"last checkpoint up to run.max_failures={self.max_failures} times)")
+
+
+def preempted(error: BaseException) -> bool:
+    """Whether a worker died with a node that was drained for preemption (Ray marks its actor error)."""
+    error = getattr(error, "health_check_failure", error)   # Ray Train wraps the actor's death
+    return bool(getattr(error, "preempted", False))
 
 
 def wait_for_placement(num_workers: int, per_worker: dict[str, float], timeout_s: float) -> None:

@@ -7,7 +7,12 @@ summed over ranks), then rank 0 writes RUN_DIR/metrics.jsonl, TensorBoard, curve
 and every rank saves the training state through the :class:`~trainer.checkpoint.Checkpointer`.
 
 With ``train.checkpoint_every N`` the training state is also saved every N steps inside an epoch, holding
-every rank's loader position, RNG state and running totals, so a restarted group continues exactly there.
+every rank's loader position, RNG state and running totals, so a restarted group continues exactly there,
+and the epoch's data position as the whole group's (pipeline/loader.py ``merge_positions``), so a group of
+another size continues the epoch from it (docs/training.md, "Elastic groups").
+
+A step is always ``train.batch_size`` images: a fixed group splits it evenly, one batch per rank; an elastic one
+(``run.max_workers``) into ``max_workers`` micro-batches, which its ranks share and add up (trainer/loop.py).
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from pipeline.config import derive_seed
+from pipeline.loader import merge_positions
 from shards import fileio
 from trainer import checkpoint as ckpt
 from trainer.config import Config
@@ -85,14 +92,21 @@ class Trainer:
             from shards.stage import stage_once_per_node
             local = stage_once_per_node(cfg.data.stage_to, {"train": train_dir, "val": val_dir}, place.local_rank)
             train_dir, val_dir = local["train"], local["val"]
-        if cfg.train.batch_size % place.world:
+        # micro-batches in a step: one per rank in a fixed group; max_workers in an elastic one, whatever its size
+        units = cfg.run.max_workers or place.world
+        if cfg.train.batch_size % units or place.world > units:
             raise ValueError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and must divide evenly "
-                             f"by the {place.world} ranks")
-        self.batch = cfg.train.batch_size // place.world
-        loader_args = dict(rank=self.rank, world_size=self.world, device=self.device, batch_size=self.batch)
-        self.train_loader = make_train_loader(cfg.loader_config(train_dir, **loader_args), kind=cfg.data.loader)
+                             f"by the {units} " + ("ranks" if units == place.world else
+                                                    f"micro-batches of run.max_workers, for {place.world} ranks"))
+        self.micro = cfg.train.batch_size // units
+        loader_args = dict(rank=self.rank, world_size=self.world, device=self.device, batch_size=self.micro)
+        self.train_loader = make_train_loader(cfg.loader_config(train_dir, **loader_args).replace(
+            global_batch=cfg.train.batch_size), kind=cfg.data.loader)
+        loader_args["batch_size"] = self.micro * (units // self.world)
         self.val_loader = make_eval_loader(cfg.loader_config(val_dir, **loader_args), kind=cfg.data.loader)
-        self.steps = len(self.train_loader)
+        self.accumulate = self.train_loader.micro           # this rank's micro-batches per step
+        self.loss_scale = self.world / units                # DDP's mean over ranks -> the global batch's mean
+        self.steps = len(self.train_loader) // self.accumulate
         if cfg.train.max_steps_per_epoch:
             self.steps = min(self.steps, cfg.train.max_steps_per_epoch)
 
@@ -104,7 +118,7 @@ class Trainer:
                                    "scheduler": self.scheduler},
             publish, registered=registered_checkpoint, log=self.log)
         self.progress_log = ProgressLog(cfg.train.log_every, cfg.train.epochs, self.world, self.optimizer, self.log,
-                                        tick=getattr(self.log, "tick", None))
+                                        tick=getattr(self.log, "tick", None), global_batch=cfg.train.batch_size)
         self.hooks: list[Hook] = [FaultInjector(cfg.fault, self.run_dir, self.rank),
                                   NonFinitePolicy(cfg.train.skip_nonfinite, cfg.train.log_every,
                                                   cfg.train.checkpoint_every, self.log),
@@ -113,6 +127,7 @@ class Trainer:
         self.epoch, self.step, self.best_top1 = 0, 0, -1.0
         self.progress = EpochProgress.from_state(None, self.device)
         self.last_saved = "none"
+        self.resizes: list[dict] = []   # this epoch's group size changes, for its metrics.jsonl line
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def position(self, last_epoch: int, step: int, rng: list, ranks: list | None) -> dict[str, Any]:
@@ -120,16 +135,24 @@ class Trainer:
         epoch, then for a mid-epoch checkpoint the steps done in the next one and every rank's data position."""
         return {"epoch": last_epoch, "best_top1": self.best_top1, "rng": rng, "config": self.cfg.to_dict(),
                 "classes": self.classes, "resize_shorter": self.cfg.data.shorter_side(), "step": step,
-                "ranks": ranks}
+                "ranks": ranks, "workers": self.world, "micro_batch": self.micro,
+                "resizes": self.resizes if ranks else []}
 
     def save_mid_epoch(self, at: Step) -> None:
-        """Every rank's loader position, running totals and RNG state, then the checkpoint (all ranks call)."""
+        """Every rank's loader position, running totals and RNG state, then the checkpoint (all ranks call).
+        The consumed samples are merged into one bitmap (``data``), the same whatever the group's size."""
         mine = {**self.progress.state_dict(), "loader": self.train_loader.state_dict(),
                 "rng": ckpt.rng_state(self.place.devices)}
         ranks = gather(mine)
-        rng = [r.pop("rng") for r in ranks]
-        self.checkpointer.save({"epoch": at.epoch, "step": at.step + 1, "val_top1": -1.0, "mid_epoch": 1},
-                               self.position(at.epoch - 1, at.step + 1, rng, ranks) if self.rank == 0 else None)
+        position = None
+        if self.rank == 0:
+            rng = [r.pop("rng") for r in ranks]
+            data = {**merge_positions([r["loader"] for r in ranks], self.train_loader.shardset.num_samples),
+                    "base": ranks[0]["loader"].get("base")}   # what this epoch's readers left out: the same on every rank
+            for r in ranks:   # kept once, in data
+                r["loader"].pop("consumed", None), r["loader"].pop("base", None)
+            position = {**self.position(at.epoch - 1, at.step + 1, rng, ranks), "data": data}
+        self.checkpointer.save({"epoch": at.epoch, "step": at.step + 1, "val_top1": -1.0, "mid_epoch": 1}, position)
         self.last_saved = f"epoch {at.epoch} + {at.step + 1} steps"
 
     def restore(self) -> None:
@@ -138,16 +161,32 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed * 1000 + self.rank + 1)   # per-rank dropout masks
             return
         self.epoch, self.best_top1 = state["epoch"] + 1, state["best_top1"]
-        if len(state["rng"]) == self.world:
+        was = int(state.get("workers", len(state["rng"])))
+        same = was == self.world and state.get("micro_batch", self.micro) == self.micro
+        if same:
             ckpt.set_rng_state(state["rng"][self.rank], self.place.devices)
         ranks = state.get("ranks")   # set by a mid-epoch checkpoint: every rank's position in the epoch
-        if ranks and len(ranks) == self.world:
+        data = state.get("data")     # and the whole group's, as one bitmap of consumed samples
+        if ranks and same:           # exactly where each rank stood: the uninterrupted run's batches
             self.step = state["step"]
             self.progress = EpochProgress.from_state(ranks[self.rank], self.device)
-            self.train_loader.load_state_dict(ranks[self.rank]["loader"])
+            self.train_loader.load_state_dict({**ranks[self.rank]["loader"], **(data or {})})
+        elif ranks and data:         # another size: the epoch's remaining samples, split among this group
+            self.step = state["step"]
+            totals = {k: sum(r[k] for r in ranks) for k in ("loss_sum", "seen", "skipped")}
+            self.progress = EpochProgress.from_state(totals if self.rank == 0 else None, self.device)
+            self.train_loader.load_position(data)
         elif ranks:
             self.log(f"[trainer] the checkpoint was taken mid-epoch by {len(ranks)} workers, not {self.world}: "
                      f"epoch {self.epoch + 1} restarts from its first batch")
+        if not same:   # per-rank dropout streams for the new group
+            torch.manual_seed(derive_seed(self.cfg.train.seed, self.rank, self.world, self.epoch, self.step))
+        self.resizes = list(state.get("resizes") or []) if ranks else []
+        if was != self.world:
+            self.resizes.append({"from": was, "to": self.world, "epoch": self.epoch, "step": self.step})
+            self.log(f"[trainer] the group changed from {was} to {self.world} workers at epoch {self.epoch + 1} step "
+                     f"{self.step}; global batch {self.cfg.train.batch_size} kept ({self.accumulate} x {self.micro} "
+                     f"per worker and step)")
         self.last_saved = f"epoch {self.epoch}" + (f" + {self.step} steps" if self.step else "")
         if self.epoch < self.cfg.train.epochs:
             self.log(f"[trainer] resumed from {where} at epoch {self.epoch + 1}/{self.cfg.train.epochs}"
@@ -172,7 +211,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 train_epoch(self.model, self.train_loader, self.optimizer, self.scheduler, self.hooks,
                             epoch=epoch, steps=self.steps, first_step=first_step, progress=self.progress,
-                            criterion=self.criterion, grad_clip=cfg.optim.grad_clip, bf16=cfg.use_bf16())
+                            criterion=self.criterion, grad_clip=cfg.optim.grad_clip, bf16=cfg.use_bf16(),
+                            accumulate=self.accumulate, loss_scale=self.loss_scale)
                 self.end_epoch(epoch, t0, metrics)
         except NonFiniteStep as bad:   # every rank got here together; return, so Ray Train does not retry
             stopped = (f"non-finite loss or gradients at {bad.at} (loss summed over ranks {bad.loss_total}, "
@@ -206,7 +246,7 @@ class Trainer:
                   "val_loss": v["loss_sum"] / v["n"],
                   "val_top1": val_top1, "val_top5": val_top5, "val_n": int(v["n"]), "lr": lr_used,
                   "images_per_s": train_seen / train_time, "epoch_time_s": time.perf_counter() - t0,
-                  "workers": self.world, "global_batch": self.batch * self.world,
+                  "workers": self.world, "global_batch": cfg.train.batch_size, "resizes": self.resizes,
                   "skipped_steps": int(all_reduce_sum([int(self.progress.skipped)], device)[0]) // self.world}
         rng = gather(ckpt.rng_state(self.place.devices))
         if cfg.run.save_rank_states:
@@ -225,6 +265,7 @@ class Trainer:
                                                        "images_per_s")},
                                self.position(epoch, 0, rng, None) if self.rank == 0 else None)
         self.last_saved = f"epoch {epoch + 1}"
+        self.resizes = []
 
 
 class MidEpochCheckpoint(Hook):
