@@ -70,7 +70,11 @@ def test_every_gradient_matches_single_device(batch, concurrent):
 def test_parameters_are_leaves_and_training_steps_match(batch):
     """Two SGD steps (the paper's momentum and weight decay) on each form leave the same weights."""
     images, labels = batch
-    model = small_model(dropout=0.0)
+    # the paper's LRN alpha: with cuda-convnet's 5x smaller one this tiny net's second step meets a near-tie (a
+    # max-pool choice or ReLU edge) where float differences between the two forms, which depend on oneDNN's
+    # thread count, flip a unit and move the weights by ~1e-5 (one step's gradients match at the default alpha above)
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=CLASSES, width=WIDTH, dropout=0.0, init="kaiming", lrn_alpha="paper")
     split = split_two_devices(model, CPU2)
     assert all(p.is_leaf and p.device == torch.device("cpu") for p in split.parameters())
     for net in (model, split):

@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow
 COMMON = ["--workers", "0", "--batch-size", "16", "--width", "0.125", "--loader", "dali", "--epochs", "2",
           "--set", "data.image_size=64", "--set", "data.num_threads=1", "--set", "model.dropout=0",
           "--set", "train.max_steps_per_epoch=8", "--set", "train.log_every=2", "--set", "optim.lr=0.05",
-          "--set", "schedule.kind=plateau", "--set", "run.save_rank_states=true"]
+          "--set", "schedule.kind=plateau", "--set", "run.save_rank_states=true",
+          # the paper's LRN alpha keeps this tiny net away from near-ties where the two forms' float differences
+          # (which depend on oneDNN's thread count) flip a unit over 16 steps (see tests/test_parallel.py)
+          "--set", "model.lrn_alpha_convention=paper"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def test_split_run_ends_with_the_data_parallel_weights_under_single_device_names
 def test_split_runs_best_pt_loads_into_the_single_device_model(runs):
     saved = torch.load(runs["model"] / "best.pt", weights_only=True)
     weights = saved["model"] if "model" in saved else saved
-    net = AlexNet(num_classes=10, width=0.125, image_size=64)
+    net = AlexNet(num_classes=10, width=0.125, image_size=64, lrn_alpha="paper")
     net.load_state_dict(weights)                                          # strict: same keys and shapes
 
 
