@@ -1,5 +1,5 @@
 """Steps lost when a spot node is reclaimed, with and without a preemption notice, on a real multi-node Ray cluster
-on this machine (run under the Ray lock: ``flock /tmp/team/ray.lock python bench/reclaim.py``)::
+on this machine (with no other Ray cluster running on it)::
 
     python bench/reclaim.py [--out DIR] [--deadline 8] [--checkpoint-every 0] [--after 12]
 
