@@ -17,7 +17,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import fileio
 from .fileio import atomic_write, sha256_file, write_bytes
 from .images import EncodeConfig, Rejected, prepare_image
 from .manifest import FORMAT, ShardError, read_classes_file
@@ -99,6 +99,7 @@ class BuildConfig:
 # ---------------------------------------------------------------- per-item work (runs in the workers)
 
 _ENCODE: EncodeConfig | None = None
+
 
 
 def _init_worker(encode: EncodeConfig) -> None:
@@ -449,7 +450,7 @@ def _build(cfg: BuildConfig, progress: bool) -> dict:
     window = BoundedFeed(todo, capacity=64 * cfg.workers)
     try:
         if cfg.workers > 1:
-            pool = multiprocessing.get_context("fork").Pool(cfg.workers, _init_worker, (cfg.encode,))
+            pool = fileio.pool_context().Pool(cfg.workers, _init_worker, (cfg.encode,))
             results = pool.imap(process_item, window, chunksize=8)
         else:
             _init_worker(cfg.encode)

@@ -5,13 +5,16 @@ run's config, previews, staged shards) goes through :func:`atomic_write`: the by
 in the same directory, are fsynced, then renamed over the target, which POSIX makes atomic. The temporary
 name ``.<name>.part-<pid>-<random>.tmp`` is a dot-file nothing reads, and carries the writer's pid so a
 later run can tell a dead writer's leftovers from a live one's (:func:`remove_stale_temps`).
+:func:`pool_context` picks how build and verify start their worker processes.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import multiprocessing
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -72,3 +75,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def pool_context():
+    """Worker processes by ``fork`` (cheap: they start with everything imported), unless this process already
+    runs other threads (Ray, torch or DALI in a notebook, a test or a driver): a fork copies the locks those
+    threads hold and a worker can hang on one forever, so such a process starts its workers from a clean
+    ``forkserver`` instead."""
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else threading.active_count()
+    return multiprocessing.get_context("fork" if threads == 1 else "forkserver")

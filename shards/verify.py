@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import multiprocessing
 import sys
 import tarfile
 import warnings
@@ -20,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from . import fileio
 from .fileio import sha256_file
 from .images import MIN_SIDE
 from .manifest import ShardError, load_classes, load_manifest
@@ -118,7 +118,7 @@ def verify(shard_dir: str | Path, workers: int = 1, progress: bool = True) -> li
             problems.append(f"{p.name}: not listed in manifest.json")
     jobs = [(shard_dir, e, manifest["num_classes"]) for e in manifest["shards"]]
     seen: dict[str, str] = {}
-    ctx = multiprocessing.get_context("fork")
+    ctx = fileio.pool_context()
     with (ctx.Pool(workers) if workers > 1 else _NoPool()) as pool:
         results = pool.imap(_check, jobs)
         for entry, (found, keys) in tqdm(zip(manifest["shards"], results), total=len(jobs), unit="shard",
