@@ -84,7 +84,8 @@ def ray_cluster() -> str:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+        # address="local": its own cluster, whatever other test processes (pytest-xdist workers) run
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

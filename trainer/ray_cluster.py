@@ -155,8 +155,10 @@ def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: floa
         port = _free_port()                                             # train without it (the cleaner then warns)
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         dashboard = dict(dashboard_host="127.0.0.1", dashboard_port=port)
-    ray.init(num_cpus=max(os.cpu_count() or 1, need + 1), num_gpus=gpus, include_dashboard=bool(dashboard),
-             log_to_driver=True, logging_level=level, **dashboard)
+    # address="local": a new cluster even where another one (`ray start`, a second fit) runs on this machine;
+    # without it ray.init joins that one, refusing the CPU and GPU counts given here
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need + 1), num_gpus=gpus,
+             include_dashboard=bool(dashboard), log_to_driver=True, logging_level=level, **dashboard)
 
 
 # Lines of Ray's preemption watcher kept in Ray's logs, off the console: (1) it takes actor handles as
