@@ -110,18 +110,8 @@ def counted_train_step(model: torch.nn.Module, images: torch.Tensor, labels: tor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`train_step` that also returns how many of the batch's top-1 predictions were right (a device
     tensor: the training error of section 3.1's Figure 1 comes from these, at no extra forward pass)."""
-    with autocast(bf16, images.device):
-        logits = model(images)
-    correct = (logits.detach().argmax(dim=1) == labels).sum()
-    loss = criterion(logits.float(), labels)
-    for hook in hooks:
-        loss = hook.on_loss(loss, at)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grads = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = (torch.nn.utils.clip_grad_norm_(grads, grad_clip) if grad_clip
-                 else torch.nn.utils.get_total_norm([p.grad for p in grads]))
-    return loss, grad_norm, correct
+    return accumulate_step(model, [(images, labels)], optimizer=optimizer, criterion=criterion,
+                           grad_clip=grad_clip, bf16=bf16, hooks=hooks, at=at)
 
 
 def no_sync(model: torch.nn.Module, last: bool):
@@ -195,11 +185,9 @@ def train_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim
         at = Step(epoch, step, steps)
         for hook in hooks:
             hook.before_step(at)
-        args = dict(optimizer=optimizer, criterion=criterion, grad_clip=grad_clip, bf16=bf16, hooks=hooks, at=at)
-        if accumulate == 1 and loss_scale == 1.0:
-            loss, grad_norm, correct = counted_train_step(model, *group[0], **args)
-        else:
-            loss, grad_norm, correct = accumulate_step(model, group, loss_scale=loss_scale, **args)
+        loss, grad_norm, correct = accumulate_step(model, group, optimizer=optimizer, criterion=criterion,
+                                                   grad_clip=grad_clip, bf16=bf16, hooks=hooks, at=at,
+                                                   loss_scale=loss_scale)
         verdicts = [v for v in (hook.accept_step(loss, grad_norm, at) for hook in hooks) if v is not None]
         applied = torch.stack(verdicts).all() if verdicts else None
         gated_step(optimizer, applied)
