@@ -120,7 +120,12 @@ def test_the_notice_gives_a_checkpoint_and_no_step_is_lost_to_the_reclaim(elasti
     notice = [x for x in lines if "preemption notice" in x]
     assert notice and "checkpoint now" in notice[0] and "go in" in notice[0], lines[-40:]
     assert any("last checkpoint" in x for x in lines)
-    assert any("lost with its reclaimed node" in x and "run.max_preemption_failures=-1" in x for x in lines)
+    # the reclaim is never reported as a failure: either the node's death is named as a reclaim, or (the last
+    # checkpoint having landed just before the deadline on a loaded machine) Ray Train restarted the group at
+    # the deadline before the node went, with nothing to report
+    reclaim = lines[:next(i for i, x in enumerate(lines) if "the group changed from 2 to 1" in x)]
+    assert not any(" failed: " in x for x in reclaim), reclaim[-20:]
+    assert all("run.max_preemption_failures=-1" in x for x in reclaim if "lost with its reclaimed node" in x)
     reclaimed, after = groups(elastic_run["run"])[0], groups(elastic_run["run"])[1:]
     assert lost_steps(reclaimed, after) == []                      # the group of one repeats no step of the two
     assert min(after[0]["steps"]) == next_step(max(reclaimed["steps"]), steps=20)   # it starts right after
