@@ -525,6 +525,7 @@ def step_training(ctx: Ctx):
                 yield {**base, "source": source, "status": f"skipped (step budget: {ctx.left():.0f} s left)"}
             continue
         if plan.cuda:
+            torch.empty(1, device=device)   # the allocator exists only once something is on the device
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(0)
         net = AlexNet(plan.model_classes, width=plan.width, image_size=plan.crop, init="kaiming")

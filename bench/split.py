@@ -56,14 +56,19 @@ def whole_layer_grads(split) -> dict[str, torch.Tensor]:
 
 
 def check_equivalence(devices: list[str], width: float, classes: int, batch: int) -> dict:
-    """Forward (eval) and gradients (dropout 0) of the split vs the single-device model on ``devices``."""
+    """Forward (eval) and gradients (dropout 0) of the split vs the single-device model on ``devices``.
+
+    In float64: a GPU's fp32 convolutions may round to TF32 or pick other algorithms for a grouped and a
+    split convolution (1e-3 apart on an H200), which would hide a real difference; in float64 rounding is
+    ~1e-15 and anything above 1e-4 is the split's fault."""
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         torch.manual_seed(0)
         model = AlexNet(num_classes=classes, width=width, dropout=0.0, init="kaiming").to(devices[0])
-        split = split_two_devices(model, devices)
-        images = torch.randn(batch, 3, 224, 224, device=devices[0])
+        split = split_two_devices(model, devices).double()   # split from float32: the same weights, then widened
+        model.double()
+        images = torch.randn(batch, 3, 224, 224, device=devices[0], dtype=torch.float64)
         labels = torch.randint(0, classes, (batch,), device=devices[0])
         with torch.no_grad():
             out_single, out_split = model.eval()(images), split.eval()(images)
@@ -72,11 +77,13 @@ def check_equivalence(devices: list[str], width: float, classes: int, batch: int
         for net in (model, split):
             F.cross_entropy(net(images), labels).backward()
         got = whole_layer_grads(split)
-        grad_err = max(((got[n] - p.grad).abs().max() / p.grad.abs().max()).item()
-                       for n, p in model.named_parameters())
+        grad_errs = {n: ((got[n] - p.grad).abs().max() / p.grad.abs().max()).item()
+                     for n, p in model.named_parameters()}
+        worst = max(grad_errs, key=grad_errs.get)
+        grad_err = grad_errs[worst]
         ok = forward_err < 1e-4 and grad_err < 1e-4
-        return {"check": "equivalence", "devices": devices, "width": width, "batch": batch,
-                "forward_rel_err": forward_err, "max_grad_rel_err": grad_err, "ok": ok}
+        return {"check": "equivalence", "devices": devices, "width": width, "batch": batch, "dtype": "float64",
+                "forward_rel_err": forward_err, "max_grad_rel_err": grad_err, "worst_grad": worst, "ok": ok}
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
