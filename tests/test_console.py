@@ -99,6 +99,66 @@ def test_summary_names_the_best_epoch_and_the_files(tmp_path):
     assert lines[2] == "[trainer] Ray's logs: /tmp/ray/session_x/logs (--verbose shows them here)"
 
 
+# ---- Ray's lines kept off the console ------------------------------------------------------------
+
+# The cleaner's warning in Ray 2.60, and in the wording Ray's main branch gives it (the controller's id added)
+CLEANER_WARNINGS = ["Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
+                    "Continuing to monitor.",
+                    "Failed to query Ray Train Controller actor 4a8f state. State API may be temporarily unavailable. "
+                    "Continuing to monitor other controllers."]
+
+
+def test_dropped_lines_are_only_those_naming_a_marker():
+    from trainer.ray_cluster import CLEANER_LINES, WATCHER_LINES, drop_lines
+
+    batch = {"ip": "192.0.2.2", "pid": "31291", "job": "01000000", "is_err": True,
+             "actor_name": "PlacementGroupCleaner", "task_name": "", "lines": CLEANER_WARNINGS}
+    assert drop_lines(batch, WATCHER_LINES + CLEANER_LINES) is None
+    assert drop_lines(batch, WATCHER_LINES) == batch                       # a cluster with a dashboard
+    worker = {**batch, "actor_name": "RayTrainWorker", "lines": ["Traceback (most recent call last):",
+                                                                 CLEANER_WARNINGS[0], "ValueError: bad shard"]}
+    assert drop_lines(worker, CLEANER_LINES) == {**worker, "lines": ["Traceback (most recent call last):",
+                                                                     "ValueError: bad shard"]}
+
+
+def test_the_cleaners_warning_without_a_state_api_is_dropped_and_fit_says_why_once(ray_cluster):
+    """Ray Train's own placement-group cleaner, its State API unreachable as on a cluster without a dashboard (an
+    address where nothing listens, whatever other Ray instances this machine runs), writes its warning at every
+    try; the lines Ray's log forwarding would hand the console are all dropped. The session's cluster runs
+    without a dashboard, so fit's notice is due."""
+    import socket
+    import time
+
+    import ray
+    from ray.train.v2._internal.execution.controller.placement_group_cleaner import PlacementGroupCleaner
+
+    from trainer.ray_cluster import CLEANER_LINES, dashboard_notice, drop_lines, ray_log_dir
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]   # closed again on leaving: nothing answers there
+    cleaner = ray.remote(num_cpus=0)(PlacementGroupCleaner).options(
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}).remote(
+        controller_actor_id="ff" * 16, check_interval_s=0.1, get_actor_timeout_s=1, stop_timeout=1)
+    try:
+        pid = ray.get(cleaner.__ray_call__.remote(lambda self: os.getpid()))
+        ray.get(cleaner.start_monitoring.remote())
+        lines, deadline = [], time.monotonic() + 30
+        while len(lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            lines = [line for f in Path(ray_log_dir()).glob(f"worker-*-{pid}.err")
+                     for line in f.read_text().splitlines() if "Failed to query Ray Train Controller" in line]
+    finally:
+        ray.kill(cleaner)
+    assert len(lines) >= 2, f"no warnings from the cleaner (pid {pid}) in {ray_log_dir()}"
+    assert drop_lines({"pid": str(pid), "actor_name": "PlacementGroupCleaner", "lines": lines}, CLEANER_LINES) is None
+    notice = dashboard_notice()
+    assert notice.startswith("[trainer] this Ray cluster runs without its dashboard: no dashboard, and Ray Train's "
+                             "placement-group cleaner cannot check the run's controller (") and "\n" not in notice
+    assert notice.endswith('Fix: start its head with "ray[default]" installed and '
+                           "`ray start --head --include-dashboard=true`")
+
+
 # ---- a real run ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -114,7 +174,10 @@ def test_a_default_run_decides_from_the_cluster_and_prints_only_its_own_lines(di
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("[trainer] fit: no GPU found: 1 CPU worker; 1 worker(s) x 1 CPU, "), lines[0]
+    # the session's cluster runs without a dashboard: one line says so, the cleaner's warnings stay in Ray's logs
+    assert lines[0].startswith("[trainer] this Ray cluster runs without its dashboard: "), lines[0]
+    assert "State API may be temporarily unavailable" not in out.stderr
+    assert lines[1].startswith("[trainer] fit: no GPU found: 1 CPU worker; 1 worker(s) x 1 CPU, "), lines[1]
     assert all(line.startswith("[trainer] ") for line in lines), out.stdout
     assert "\x1b[" not in out.stdout + out.stderr
     assert re.search(r"^\[trainer\] epoch 1/1 step 2/4 loss \S+ lr \S+ \S+ images/s ETA \d+s$", out.stdout, re.M)
@@ -124,4 +187,4 @@ def test_a_default_run_decides_from_the_cluster_and_prints_only_its_own_lines(di
     assert [json.loads(line)["workers"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     saved = json.loads((run / "config.json").read_text())["config"]["run"]
     assert (saved["workers"], saved["gpus_per_worker"]) == (1, 0)                # what "auto" became
-    assert (run / "train.log").read_text().splitlines() == lines[1:-3]            # rank 0's lines, kept
+    assert (run / "train.log").read_text().splitlines() == lines[2:-3]            # rank 0's lines, kept

@@ -239,7 +239,9 @@ def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
             raise ValueError(f"--workers 0 --gpus-per-worker {cfg.run.gpus_per_worker:g}: this machine has no "
                              f"CUDA GPU; use --gpus-per-worker 0")
     else:
-        from trainer.ray_cluster import wait_for_placement
+        from trainer.ray_cluster import dashboard_notice, wait_for_placement
+        if notice := dashboard_notice():
+            print(notice, flush=True)
         wait_for_placement(cfg.run.min_workers or cfg.run.workers, resources, cfg.run.placement_timeout_s)
         watch_preemption(bool(cfg.run.preemption_check_every))
     rank0 = int(os.environ.get("RANK", 0)) == 0   # under torchrun, one process writes the run's files

@@ -122,7 +122,8 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
     Ray's own INFO lines stay in its log folder unless ``verbose``. A local cluster is started with its
     dashboard's state API, which Ray Train's placement-group cleaner polls every second to see
     whether the run's controller is alive; ``RAY_API_SERVER_ADDRESS`` tells the cleaner where that API is,
-    so it does not guess among other Ray instances on the same machine."""
+    so it does not guess among other Ray instances on the same machine. On a cluster without a dashboard
+    the cleaner's warning at every poll stays in Ray's logs too (:func:`dashboard_notice` says it once)."""
     import ray
 
     quiet_ray_environment(verbose)
@@ -134,7 +135,38 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
     else:
         _start_local(num_workers, cpus_per_worker, gpus_per_worker, verbose, level)
     if not verbose:
-        hide_console_lines(WATCHER_LINES)
+        hide_console_lines(WATCHER_LINES + (CLEANER_LINES if not _has_dashboard() else ()))
+
+
+def _has_dashboard() -> bool:
+    """Whether the cluster this driver is on runs Ray's dashboard (and so its State API): its address, from the
+    cluster's own record when joined. A private Ray API, hence the guard."""
+    import ray
+
+    try:
+        return bool(ray._private.worker._global_node.webui_url)
+    except AttributeError:
+        return True   # unknown: say nothing, hide nothing
+
+
+def dashboard_notice() -> str | None:
+    """fit's one line on a Ray cluster without its dashboard: what is missing, what it costs, the fix; None
+    with the dashboard (or without Ray)."""
+    import ray
+
+    if not ray.is_initialized() or _has_dashboard():
+        return None
+    local = not os.environ.get("RAY_ADDRESS")
+    if local and ray._private.utils.get_dashboard_dependency_error() is not None:
+        why, fix = "this Python lacks the Ray dashboard's packages", \
+            'pip install "ray[default]" (this project\'s dependencies include it: pip install -e .)'
+    else:
+        why, fix = "this Ray cluster runs without its dashboard", ('start its head with "ray[default]" installed '
+                                                                   "and `ray start --head --include-dashboard=true`")
+    cost = ("harmless here, as a local cluster ends with fit; on a shared cluster use one with the dashboard" if local
+            else "so a driver that dies may leave the run's placement group reserved")
+    return (f"[trainer] {why}: no dashboard, and Ray Train's placement-group cleaner cannot check the run's "
+            f"controller ({cost}); its repeated warning in Ray's logs means only this. Fix: {fix}")
 
 
 def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, verbose: bool,
@@ -152,7 +184,7 @@ def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: floa
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     dashboard = {}
     if ray._private.utils.get_dashboard_dependency_error() is None:   # a minimal ray[train] has no dashboard:
-        port = _free_port()                                             # train without it (the cleaner then warns)
+        port = _free_port()                                             # train without it (dashboard_notice)
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         dashboard = dict(dashboard_host="127.0.0.1", dashboard_port=port)
     # address="local": a new cluster even where another one (`ray start`, a second fit) runs on this machine;
@@ -167,6 +199,11 @@ def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: floa
 # warning on a notice, which train.log's "[trainer] preemption notice ..." line says again.
 WATCHER_LINES = ("'PreemptionWatcher' and ID", "PreemptionWatcher: preemption detected")
 
+# Ray Train's placement-group cleaner asks the dashboard's State API every second whether the run's controller
+# lives; on a cluster without a dashboard every try fails with this warning (part of its wording in Ray 2.60 and
+# after), kept off the console there: dashboard_notice's one line says what it means.
+CLEANER_LINES = ("State API may be temporarily unavailable",)
+
 
 def hide_console_lines(markers: tuple[str, ...]) -> None:
     """Drop forwarded worker log lines containing any of ``markers`` from this driver's console (Ray's log files
@@ -180,12 +217,18 @@ def hide_console_lines(markers: tuple[str, ...]) -> None:
             continue
 
         def filtered(data, handler=handler):
-            lines = [line for line in data.get("lines", []) if not any(m in line for m in markers)]
-            if lines:
-                handler({**data, "lines": lines})
+            if (kept := drop_lines(data, markers)) is not None:
+                handler(kept)
         filtered.hides = markers
         dispatcher.remove_handler(name)
         dispatcher.add_handler(name, filtered)
+
+
+def drop_lines(data: dict, markers: tuple[str, ...]) -> dict | None:
+    """One batch of forwarded log lines as Ray's dispatcher hands it over (``{"lines": [...], "pid": ...}``)
+    without the lines containing any of ``markers``; None when none is left."""
+    lines = [line for line in data.get("lines", []) if not any(m in line for m in markers)]
+    return {**data, "lines": lines} if lines else None
 
 
 def ray_log_dir() -> str | None:
