@@ -9,7 +9,9 @@ runs on the CPU in dry mode (``--dry``: device cpu, width 0.125, 64 px, a few st
   a     the DALI graph on the device: train paper, train rrc, eval, ten-crop; GPU- vs CPU-decoded eval pixels
   b     the loader alone, images/s, batch 256: full-size and shorter-side-256 shards x hw_decoder_load x threads
   c     paper AlexNet training images/s, bf16 + channels_last, eager and torch.compile, per-GPU batch
-        128 / 256 / 512, fed by synthetic tensors and by the DALI loader: loader / synthetic is the headline
+        128 / 256 / 512, fed by synthetic tensors and by the DALI loader: loader / synthetic is the headline;
+        at the fastest compiled batch also the loader alone, DALI-fed on a side stream (with and without the
+        batches bound to it) and with hw_decoder_load 0, and where the host waits (in next() or in the step)
   d     python -m trainer fit (Ray Train, one GPU worker, NCCL, --preset modern), two short epochs, then
         python -m trainer eval on its best.pt
   e     bench/split.py: the two-column split on one device (two streams): equivalence and step time
@@ -77,7 +79,7 @@ class Plan:
     loader_warmup: int
     loader_batches: int
     train_batches: tuple[int, ...]   # c: eager, most telling first
-    compile_batches: tuple[int, ...]  # c: compiled (tens of seconds each)
+    compile_batches: tuple[int, ...]  # c: compiled (tens of seconds each); the fastest gets c's diagnostics
     compile_backend: str             # c: inductor; dry: aot_eager (dynamo + AOT autograd, no C++ build on 2 cores)
     train_warmup: int
     train_steps: int
@@ -86,6 +88,7 @@ class Plan:
     fit_steps: int                   # d: train.max_steps_per_epoch
     split_args: tuple[str, ...]      # e: bench/split.py arguments
     model_classes: int = 1000        # c: the paper's fc8
+    late_compile_batches: tuple[int, ...] = ()   # c: compiled after the diagnostics (first to go when short)
 
     @property
     def cuda(self) -> bool:
@@ -108,7 +111,8 @@ def make_plan(dry: bool) -> Plan:
     return Plan(dry=False, device="cuda:0", per_class=1536, val_per_class=64, shorter=375, crop_sides=(300, 520),
                 small_shorter=256, max_count=1000, crop=224, width=1.0,
                 check_batch=64, loader_batch=256, hw_loads=(0.0, 0.65, 1.0), threads=(4, 8, 16), loader_warmup=6,
-                loader_batches=30, train_batches=(256, 512, 128), compile_batches=(256, 512, 128),
+                loader_batches=30, train_batches=(256, 512, 128), compile_batches=(256, 512),
+                late_compile_batches=(128,),
                 compile_backend="inductor", train_warmup=3, train_steps=20, train_threads=8, fit_batch=256,
                 fit_steps=20,
                 split_args=("--device", "cuda", "--width", "1", "--batch", "128", "--rounds", "3", "--steps", "10"))
@@ -461,14 +465,20 @@ def summary_loader(details: list[dict], plan: Plan) -> dict:
 # ---------------------------------------------------------------------------------------- c: training
 
 def train_rate(step_fn, batches, warmup: int, steps: int, device: str) -> dict:
-    """images/s of ``steps`` training steps after ``warmup`` (compilation, pipeline fill) ones."""
+    """images/s of ``steps`` training steps after ``warmup`` (compilation, pipeline fill) ones, and where the host
+    spent each timed step: inside ``next(batches)`` (waiting for the loader) or inside ``step_fn`` (queueing the
+    step, or blocked by a synchronisation in it); perf_counter only, no added device syncs."""
     for _ in range(warmup):
         step_fn(*next(batches))
     sync(device)
-    t0, images = time.perf_counter(), 0
+    t0, images, in_next, in_step = time.perf_counter(), 0, 0.0, 0.0
     for _ in range(steps):
+        t1 = time.perf_counter()
         x, y = next(batches)
+        t2 = time.perf_counter()
         loss = step_fn(x, y)
+        in_step += time.perf_counter() - t2
+        in_next += t2 - t1
         images += y.shape[0]
     sync(device)
     elapsed = time.perf_counter() - t0
@@ -476,7 +486,8 @@ def train_rate(step_fn, batches, warmup: int, steps: int, device: str) -> dict:
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss {loss}")
     return {"images_per_s": round(images / elapsed, 1), "ms_per_step": round(1000 * elapsed / steps, 2),
-            "timed_steps": steps, "loss": round(loss, 4)}
+            "timed_steps": steps, "loss": round(loss, 4), "host_next_ms": round(1000 * in_next / steps, 2),
+            "host_step_ms": round(1000 * in_step / steps, 2)}
 
 
 def memory_figures(device: str) -> dict:
@@ -497,80 +508,178 @@ def training_loader_settings(ctx: Ctx) -> dict:
     return {"num_threads": ctx.plan.train_threads, "hw_decoder_load": None, "from": "default (b gave none)"}
 
 
-def step_training(ctx: Ctx):
+# c's diagnostics, at synthetic's best compiled batch, each a row of its own (``source``): the loader alone
+# (this run's baseline for "synthetic + loader"); DALI-fed with training on a side stream (a serialisation
+# through the legacy default stream); the same with DALI's batches bound to that stream instead of waited for on
+# the host; DALI-fed with hw_decoder_load 0 (the hardware decoder's part). DALI-fed rows say where the host spent
+# each step (host_next_ms, host_step_ms).
+LOADER_ALONE, SIDE_STREAM, SIDE_BOUND, HW_OFF = ("loader alone", "loader, side stream",
+                                                 "loader, side stream, outputs bound", "loader, hw_decoder_load 0")
+DIAGNOSTICS_NEED_S = 30   # four loader runs of about 4-5 s each on the H200, with room
+
+
+@dataclass
+class TrainingSetup:
+    """One (batch, compile) config: its record fields, training step and synthetic batch."""
+    base: dict
+    step_fn: object
+    x: object
+    y: object
+
+
+def training_setup(plan: Plan, cfg, batch: int, compiled: bool) -> TrainingSetup:
     import torch
     import torch.nn as nn
 
-    from pipeline import make_train_loader
-    from trainer.config import modern_preset
     from trainer.loop import gated_step, train_step
     from trainer.model import AlexNet
     from trainer.schedule import make_optimizer
 
-    plan, device = ctx.plan, torch.device(ctx.plan.device)
+    device = torch.device(plan.device)
+    if plan.cuda:
+        torch.empty(1, device=device)   # the allocator exists only once something is on the device
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    net = AlexNet(plan.model_classes, width=plan.width, image_size=plan.crop, init="kaiming")
+    net = net.to(device).to(memory_format=torch.channels_last)
+    # one static graph per batch size, as a training run compiles its one batch size
+    model = torch.compile(net, dynamic=False, backend=plan.compile_backend) if compiled else net
+    optimizer = make_optimizer(net, cfg)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+    def step_fn(images, labels):
+        loss, _ = train_step(model, images, labels, optimizer=optimizer, criterion=criterion,
+                             grad_clip=cfg.optim.grad_clip, bf16=True)
+        gated_step(optimizer, None)
+        return loss
+
+    x = torch.randn(batch, 3, plan.crop, plan.crop, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, plan.model_classes, (batch,), device=device)
+    base = {"batch": batch, "compile": plan.compile_backend if compiled else False, "precision": "bf16",
+            "layout": "channels_last"}
+    return TrainingSetup(base=base, step_fn=step_fn, x=x, y=y)
+
+
+def fed_rate(plan: Plan, setup: TrainingSetup, lcfg, *, stream: str = "default", bound: bool = False) -> dict:
+    """DALI-fed images/s of ``setup``, inside one epoch clear of its last ``prefetch`` steps (the next epoch's
+    build: see loader_rate); ``stream``: trainer/parallelize.py training_stream; ``bound``: the loader's
+    ``outputs_to_stream``."""
+    import torch
+
+    from pipeline import make_train_loader
+    from trainer.parallelize import training_stream
+
+    loader = make_train_loader(lcfg.replace(batch_size=setup.base["batch"]))
+    loader.outputs_to_stream = bound
+    steps = min(plan.train_steps, len(loader) - plan.train_warmup - lcfg.prefetch)
+    if steps < 1:
+        raise ValueError(f"{lcfg.shard_dir}: {len(loader)} batches of {setup.base['batch']} per epoch, too few")
+    it = iter(loader)
+    try:
+        with training_stream(stream, torch.device(plan.device)):   # the loader hands over on the current stream
+            return train_rate(setup.step_fn, it, plan.train_warmup, steps, plan.device)
+    finally:
+        it.close()
+
+
+def timed_record(plan: Plan, record: dict, measure) -> dict:
+    """``record`` with ``measure()``'s figures, or the one-line reason it failed; its seconds and memory."""
+    t0 = time.perf_counter()
+    try:
+        record.update(measure(), status="ok")
+    except Exception as e:   # an OOM or a compile failure: say so, go on with the next one
+        record["status"] = f"failed: {one_line(e)}"
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    record.update(memory_figures(plan.device))
+    return record
+
+
+def training_diagnostics(ctx: Ctx, setup: TrainingSetup, lcfg):
+    """The rows that tell apart why DALI-fed steps take synthetic's time plus the loader's (see LOADER_ALONE)."""
+    plan, batch = ctx.plan, setup.base["batch"]
+    runs = [(LOADER_ALONE, lambda: loader_alone(plan, lcfg.replace(batch_size=batch))),
+            (SIDE_STREAM, lambda: fed_rate(plan, setup, lcfg, stream="side")),
+            (SIDE_BOUND, lambda: fed_rate(plan, setup, lcfg, stream="side", bound=True)),
+            (HW_OFF, lambda: fed_rate(plan, setup, lcfg.replace(hw_decoder_load=0.0)))]
+    for source, measure in runs:
+        record = {**setup.base, "source": source}
+        if ctx.left() < 8:
+            record["status"] = f"skipped (step budget: {ctx.left():.0f} s left)"
+            yield record
+            continue
+        yield timed_record(plan, record, measure)
+        free_device(plan.device)
+
+
+def loader_alone(plan: Plan, cfg) -> dict:
+    """loader_rate with c's warm-up and step count, in c's units (ms per batch as ms_per_step)."""
+    rate = loader_rate(cfg, plan.train_warmup, plan.train_steps)
+    return {**rate, "ms_per_step": round(1000 * cfg.batch_size / rate["images_per_s"], 2)}
+
+
+def step_training(ctx: Ctx):
+    from trainer.config import modern_preset
+
+    plan = ctx.plan
     cfg = modern_preset()
     cfg.model.width, cfg.data.image_size = plan.width, plan.crop
     settings = training_loader_settings(ctx)
     yield {"loader_settings": settings}
     lcfg = loader_config(plan, ctx.data / "train_small", layout="NHWC", dtype="float32", crop="paper",
                          num_threads=settings["num_threads"], hw_decoder_load=settings["hw_decoder_load"])
-    configs = [(b, False) for b in plan.train_batches] + [(b, True) for b in plan.compile_batches]
+    configs = ([(b, False) for b in plan.train_batches] + [(b, True) for b in plan.compile_batches]
+               + [(b, True) for b in plan.late_compile_batches])
+    diagnose_before = len(plan.train_batches) + len(plan.compile_batches)   # the late configs come after
     compiled_before = False
-    for batch, compiled in configs:
-        base = {"batch": batch, "compile": plan.compile_backend if compiled else False, "precision": "bf16",
-                "layout": "channels_last"}
+    best = None   # (synthetic images/s, setup) of the fastest compiled config so far: the diagnostics' model
+    for k, (batch, compiled) in enumerate(configs):
+        if k == diagnose_before:
+            yield from diagnose(ctx, best, lcfg)
+            best = None
+            release_compiled(plan.device)
         need = (60 if not compiled_before else 40) if compiled else 10
         if ctx.left() < need:
             for source in ("synthetic", "loader"):
-                yield {**base, "source": source, "status": f"skipped (step budget: {ctx.left():.0f} s left)"}
+                yield {"batch": batch, "compile": plan.compile_backend if compiled else False, "precision": "bf16",
+                       "layout": "channels_last", "source": source,
+                       "status": f"skipped (step budget: {ctx.left():.0f} s left)"}
             continue
-        if plan.cuda:
-            torch.empty(1, device=device)   # the allocator exists only once something is on the device
-            torch.cuda.reset_peak_memory_stats(device)
-        torch.manual_seed(0)
-        net = AlexNet(plan.model_classes, width=plan.width, image_size=plan.crop, init="kaiming")
-        net = net.to(device).to(memory_format=torch.channels_last)
-        # one static graph per batch size, as a training run compiles its one batch size
-        model = torch.compile(net, dynamic=False, backend=plan.compile_backend) if compiled else net
-        optimizer = make_optimizer(net, cfg)
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-
-        def step_fn(images, labels):
-            loss, _ = train_step(model, images, labels, optimizer=optimizer, criterion=criterion,
-                                 grad_clip=cfg.optim.grad_clip, bf16=True)
-            gated_step(optimizer, None)
-            return loss
-
-        x = torch.randn(batch, 3, plan.crop, plan.crop, device=device).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, plan.model_classes, (batch,), device=device)
-        for source in ("synthetic", "loader"):
-            record = {**base, "source": source}
-            t0 = time.perf_counter()
-            try:
-                if source == "synthetic":
-                    record.update(train_rate(step_fn, iter(lambda: (x, y), None), plan.train_warmup, plan.train_steps,
-                                             plan.device))
-                else:
-                    loader = make_train_loader(lcfg.replace(batch_size=batch))
-                    # inside one epoch, clear of its last `prefetch` steps (the next epoch's build: see loader_rate)
-                    steps = min(plan.train_steps, len(loader) - plan.train_warmup - lcfg.prefetch)
-                    if steps < 1:
-                        raise ValueError(f"{lcfg.shard_dir}: {len(loader)} batches of {batch} per epoch, too few")
-                    it = iter(loader)
-                    record.update(train_rate(step_fn, it, plan.train_warmup, steps, plan.device))
-                    it.close()
-                    del loader, it
-                record["status"] = "ok"
-            except Exception as e:   # an OOM or a compile failure: say so, go on with the next one
-                record["status"] = f"failed: {one_line(e)}"
-            record["seconds"] = round(time.perf_counter() - t0, 1)
-            record.update(memory_figures(plan.device))
-            yield record
+        setup = training_setup(plan, cfg, batch, compiled)
+        synthetic = timed_record(plan, {**setup.base, "source": "synthetic"}, lambda: train_rate(
+            setup.step_fn, iter(lambda: (setup.x, setup.y), None), plan.train_warmup, plan.train_steps, plan.device))
+        yield synthetic
+        yield timed_record(plan, {**setup.base, "source": "loader"}, lambda: fed_rate(plan, setup, lcfg))
         compiled_before = compiled_before or compiled
-        net = model = optimizer = x = y = None   # freed before the next config's model is built
-        if compiled:
-            torch._dynamo.reset()                # its graphs hold on to the old model's tensors
+        if compiled and k < diagnose_before and synthetic.get("status") == "ok" and (
+                best is None or synthetic["images_per_s"] > best[0]):
+            best = (synthetic["images_per_s"], setup)   # kept alive (and compiled) for the diagnostics
+        setup = None
+        if compiled and k >= diagnose_before:
+            release_compiled(plan.device)
         free_device(plan.device)
+    if diagnose_before == len(configs):
+        yield from diagnose(ctx, best, lcfg)
+    best = None
+    release_compiled(plan.device)
+
+
+def diagnose(ctx: Ctx, best: tuple | None, lcfg):
+    """training_diagnostics on the fastest compiled config, when one ran and the budget allows."""
+    if best is None:
+        return
+    setup = best[1]
+    if ctx.left() < DIAGNOSTICS_NEED_S:
+        for source in (LOADER_ALONE, SIDE_STREAM, SIDE_BOUND, HW_OFF):
+            yield {**setup.base, "source": source, "status": f"skipped (step budget: {ctx.left():.0f} s left)"}
+        return
+    yield from training_diagnostics(ctx, setup, lcfg)
+
+
+def release_compiled(device: str) -> None:
+    """Drop torch.compile's graphs (they hold on to their models' tensors) and the freed memory."""
+    import torch
+    torch._dynamo.reset()
+    free_device(device)
 
 
 def training_pairs(details: list[dict]) -> list[dict]:
@@ -585,6 +694,28 @@ def training_pairs(details: list[dict]) -> list[dict]:
     return pairs
 
 
+def diagnostics_line(details: list[dict]) -> str:
+    """"; at 512c, ms/step: synthetic 29.4 + loader alone 20.1 = 49.5; fed 48.6 (host in next 18.0, in step 2.1);
+    side stream ...; side stream, outputs bound ...; hw_decoder_load 0 ...": c's diagnostics in one line."""
+    diag = next((d for d in details if d.get("source") == LOADER_ALONE), None)
+    if diag is None:
+        return ""
+    at = (diag["batch"], diag["compile"])
+    rows = {d["source"]: d for d in details if (d.get("batch"), d.get("compile")) == at and "source" in d}
+
+    def ms(source: str) -> str:
+        d = rows.get(source, {})
+        if d.get("status") != "ok":
+            return f"{source} {(d.get('status') or 'missing')[:40]}"
+        host = f" (host in next {d['host_next_ms']:g}, in step {d['host_step_ms']:g})" if "host_next_ms" in d else ""
+        return f"{source} {d['ms_per_step']:g}{host}"
+    parts = [ms(source) for source in ("synthetic", LOADER_ALONE, "loader", SIDE_STREAM, SIDE_BOUND, HW_OFF)]
+    syn, alone = rows.get("synthetic", {}), rows.get(LOADER_ALONE, {})
+    if syn.get("status") == alone.get("status") == "ok":
+        parts[1] += f" (sum {syn['ms_per_step'] + alone['ms_per_step']:.2f})"
+    return f"; at {at[0]}{'c' if at[1] else 'e'}, ms/step: " + ", ".join(parts)
+
+
 def summary_training(details: list[dict], plan: Plan) -> dict:
     pairs = training_pairs(details)
     runs = [d for d in details if "source" in d]
@@ -597,6 +728,7 @@ def summary_training(details: list[dict], plan: Plan) -> dict:
     figure = (f"best: batch {best['batch']} {'compiled' if best['compile'] else 'eager'}: synthetic "
               f"{best['synthetic']:,.0f}, loader {best['loader']:,.0f} img/s, ratio {best['ratio']:.2f}; "
               f"ratios " + ", ".join(f"{p['batch']}{'c' if p['compile'] else 'e'} {p['ratio']:.2f}" for p in pairs))
+    figure += diagnostics_line(details)
     if bad:
         figure += f"; {len(bad)} of {len(runs)} runs not ok ({bad[0]['status'][:80]})"
     passed = best["ratio"] >= TRAIN_RATIO_GOAL if plan.cuda else not bad

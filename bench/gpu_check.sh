@@ -18,7 +18,8 @@
 #   b     80  loader alone, batch 256: {256, full} shards x hw_decoder_load {0, 0.65, 1} x {4, 8, 16} threads
 #             (goal >= 25,000 images/s from the 256 shards)
 #   c    145  paper AlexNet, bf16 + channels_last, eager and torch.compile, batch 256 / 512 / 128:
-#             synthetic vs DALI-fed images/s (goal: DALI >= 90 % of synthetic at its best config)
+#             synthetic vs DALI-fed images/s (goal: DALI >= 90 % of synthetic at its best config); at the
+#             fastest compiled batch: loader alone, side stream, side stream + bound outputs, hw_decoder_load 0
 #   d    115  python -m trainer fit --workers 1 --gpus-per-worker 1 --preset modern (bf16, channels_last; compile
 #             off: c measures it), 2 epochs x 20 steps of 256, val 512 each epoch; trainer eval on best.pt
 #   e     30  bench/split.py --device cuda: split == single, step times (two streams / one / single)

@@ -23,6 +23,7 @@ the epoch has not consumed: the same tars, with index files that list only the r
 """
 from __future__ import annotations
 
+import ctypes
 import re
 import tempfile
 import threading
@@ -253,16 +254,41 @@ def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     return torch.from_dlpack(dense)
 
 
+def _flat(tensor_list) -> tuple[np.ndarray, np.ndarray]:
+    """A CPU batch of 1-D byte samples as one uint8 array (one copy in C++, no per-sample Python) and each
+    sample's end offset in it. Per-sample ``np.array(batch[i])`` costs about 1 ms per 256 samples and per
+    output, on the main thread that also feeds the device."""
+    lengths = np.fromiter((shape[0] for shape in tensor_list.shape()), dtype=np.int64, count=len(tensor_list))
+    data = np.empty(int(lengths.sum()), dtype=np.uint8)
+    if data.size:
+        tensor_list.copy_to_external(ctypes.c_void_p(data.ctypes.data))
+    return data, np.cumsum(lengths)
+
+
+def _strings(tensor_list) -> list[str]:
+    """Each sample of a CPU batch of UTF-8 byte strings (e.g. ``source_info``) as a ``str``."""
+    data, ends = _flat(tensor_list)
+    raw = data.tobytes()
+    return [raw[a:b].decode() for a, b in zip(np.concatenate(([0], ends[:-1])).tolist(), ends.tolist())]
+
+
 def parse_labels(cls_batch) -> torch.Tensor:
-    """The ``cls`` components (decimal ASCII, e.g. b"7") as an int64 tensor."""
-    return torch.tensor([int(np.array(cls_batch[i]).tobytes()) for i in range(len(cls_batch))],
-                        dtype=torch.int64)
+    """The ``cls`` components (decimal ASCII, e.g. b"7") as an int64 tensor: all digits at once; anything else
+    (a sign, spaces, an empty or over-long field) takes ``int()`` per sample, with ``int()``'s result or error."""
+    data, ends = _flat(cls_batch)
+    lengths = np.diff(ends, prepend=0)
+    if len(lengths) and 1 <= lengths.min() and lengths.max() <= 18 and not (data - 48 > 9).any():
+        width = int(lengths.max())
+        digits = np.zeros((len(lengths), width), dtype=np.int64)
+        digits[np.arange(width) >= width - lengths[:, None]] = data - 48   # right-aligned, in sample order
+        return torch.from_numpy(digits @ 10 ** np.arange(width - 1, -1, -1, dtype=np.int64))
+    raw = data.tobytes()
+    return torch.tensor([int(raw[a:b]) for a, b in zip((ends - lengths).tolist(), ends.tolist())], dtype=torch.int64)
 
 
 def sample_keys(source_info) -> list[str]:
     """Sample keys (``__key__``) from DALI's ``source_info`` strings ``/dir/x.tar:offset:key.jpg``."""
-    return [np.array(source_info[i]).tobytes().decode().rsplit(":", 1)[1].rsplit(".", 1)[0]
-            for i in range(len(source_info))]
+    return [info.rsplit(":", 1)[1].rsplit(".", 1)[0] for info in _strings(source_info)]
 
 
 def finish_images(images: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:
@@ -302,6 +328,9 @@ class _DaliLoader(Loader):
     """Each epoch builds a fresh DALI pipeline; ``state_dict()`` adds its checkpoint under ``"dali"``."""
 
     build_ahead = False   # build the next epoch's pipeline while the last batch of this one trains
+    # GPU graphs: bind each batch to torch's current stream (DALI's outputs(cuda_stream=...)) instead of waiting
+    # on the host for DALI's GPU work; off until a GPU measures it (bench/gpu_check.py, step c)
+    outputs_to_stream = False
 
     def __init__(self, cfg: LoaderConfig):
         super().__init__(cfg)
@@ -326,12 +355,20 @@ class _DaliLoader(Loader):
                               seed_parts=self._seed_parts(epoch, base))
 
     def _numbers(self, source_info) -> np.ndarray:
-        """The split-wide sample numbers of a batch, from DALI's ``source_info`` (``/dir/x.tar:offset:key.jpg``)."""
-        out = np.empty(len(source_info), dtype=np.int64)
-        for i in range(len(source_info)):
-            tar, offset, _ = np.array(source_info[i]).tobytes().decode().rsplit(":", 2)
+        """The split-wide sample numbers of a batch, from DALI's ``source_info`` (``/dir/x.tar:offset:key.jpg``):
+        one ``searchsorted`` per tar in the batch, not per sample."""
+        tars, offsets = [], []
+        for info in _strings(source_info):
+            tar, offset, _ = info.rsplit(":", 2)
+            tars.append(tar)
+            offsets.append(int(offset))
+        offsets = np.asarray(offsets, dtype=np.int64)
+        out = np.empty(len(tars), dtype=np.int64)
+        names, which = np.unique(np.asarray(tars), return_inverse=True)
+        for k, tar in enumerate(names.tolist()):
+            rows = which == k
             shard = self._by_tar[tar]
-            out[i] = shard.first + int(np.searchsorted(jpg_offsets(shard.index), int(offset)))
+            out[rows] = shard.first + np.searchsorted(jpg_offsets(shard.index), offsets[rows])
         return out
 
     def _start(self, resume: dict | None):
@@ -362,7 +399,7 @@ class _DaliLoader(Loader):
                     if not scheduled and (step == start or step <= last_needed):
                         pipe.schedule_run()
                     scheduled = False
-                    images, cls, *source = pipe.outputs()
+                    images, cls, *source = pipe.outputs(self._consumer_stream())
                 except RuntimeError as e:
                     if not _about_data(e):
                         raise
@@ -373,6 +410,10 @@ class _DaliLoader(Loader):
                 labels = parse_labels(cls)
                 if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.shardset.classes):
                     raise self._label_error(labels, step)
+                if self.device.type == "cuda":
+                    # from pageable memory CUDA syncs the stream before the copy (host waits for the queued
+                    # training step); pinned, the copy is queued and the host runs on
+                    labels = labels.pin_memory()
                 labels = labels.to(self.device, non_blocking=True)
                 if self.train:
                     self._mark(self._numbers(source[0]))
@@ -382,6 +423,12 @@ class _DaliLoader(Loader):
         finally:
             self._pipe = None
             del pipe
+
+    def _consumer_stream(self):
+        """The stream DALI binds a batch to (None: DALI waits for it on the host; the CPU: always None)."""
+        if self.outputs_to_stream and self.device.type == "cuda":
+            return torch.cuda.current_stream(self.device)
+        return None
 
     def _label_error(self, labels: torch.Tensor, step: int) -> ShardError:
         n = len(self.shardset.classes)

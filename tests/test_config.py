@@ -185,6 +185,7 @@ def test_every_float_key_refuses_nan_and_inf_naming_the_key(key, value, shown):
     ("fault.kill_at_step=-1", "fault.kill_at_step must be an integer >= 0 (0 = off), got -1"),
     ("fault.nan_at_step=-3", "fault.nan_at_step must be an integer >= 0 (0 = off), got -3"),
     ("fault.rank=-1", "fault.rank must be an integer >= 0, got -1"),
+    ("train.cuda_stream=fast", "train.cuda_stream must be one of ['default', 'side'], got 'fast'"),
     # an int key given NaN fails in the conversion, still naming the key
     ("train.epochs=.nan", "train.epochs must be a int, got nan"),
 ])
@@ -204,6 +205,9 @@ def test_each_bad_value_is_one_line_naming_only_its_key(setting, message):
     (["run.min_workers=3", "run.max_workers=2"], "run.min_workers must be <= 2 (run.max_workers), got 3"),
     (["run.max_workers=2"], "run.min_workers and run.max_workers (2) must both be 0 (a fixed group) or both >= 1 "
                             "(an elastic one), got 0"),
+    (["run.parallel=model", "train.cuda_stream=side"],
+     "train.cuda_stream=side is for a model on one device; run.parallel=model places its two columns on streams "
+     "itself (trainer/parallel.py): use train.cuda_stream=default"),
     (["run.min_workers=1", "run.max_workers=3", "train.batch_size=128"],
      "train.batch_size (128) is the global batch and must divide evenly by run.max_workers (3), the per-worker "
      "micro-batch being batch_size / max_workers; e.g. --batch-size 126"),

@@ -71,6 +71,19 @@ def test_goals_are_enforced_on_a_gpu_only():
     assert gpu_check.summary_training(training, gpu)["passed"]
 
 
+def test_the_diagnostics_are_summed_up_in_one_line_of_the_figure():
+    def run(source, ms, status="ok", **host):
+        return {"batch": 512, "compile": "inductor", "source": source, "ms_per_step": ms,
+                "images_per_s": 512_000 / ms, "status": status, **host}
+    details = [run("synthetic", 29.4), run("loader", 48.6, host_next_ms=18.0, host_step_ms=2.1),
+               run(gpu_check.LOADER_ALONE, 20.1), run(gpu_check.SIDE_STREAM, 31.5, host_next_ms=1.0, host_step_ms=2.0),
+               run(gpu_check.SIDE_BOUND, 1, status="failed: RuntimeError: no"), run(gpu_check.HW_OFF, 47.0)]
+    figure = gpu_check.summary_training(details, gpu_check.make_plan(False))["figure"]
+    assert ("; at 512c, ms/step: synthetic 29.4, loader alone 20.1 (sum 49.50), loader 48.6 (host in next 18, in step "
+            "2.1), loader, side stream 31.5 (host in next 1, in step 2), loader, side stream, outputs bound failed: "
+            "RuntimeError: no, loader, hw_decoder_load 0 47") in figure
+
+
 def test_a_step_killed_by_its_budget_keeps_its_figures_and_the_others_their_rows(tmp_path):
     plan = gpu_check.make_plan(True)
     (tmp_path / "steps").mkdir()

@@ -31,11 +31,13 @@ def fit(shards, out: Path, *extra: str) -> int:
 def local_runs(digits_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("local")
     codes = {"a": fit(digits_shards, root / "a")}
-    # NaN at global step 9 (epoch 2, step 3/6): stops after the checkpoint at epoch 2 step 2, then resumes there
-    codes["b1"] = fit(digits_shards, root / "b", "--set", "fault.nan_at_step=9")
+    # NaN at global step 9 (epoch 2, step 3/6): stops after the checkpoint at epoch 2 step 2, then resumes there;
+    # on a side stream, which on the CPU must change nothing (run "a" is on the default one)
+    side = ("--set", "fault.nan_at_step=9", "--set", "train.cuda_stream=side")
+    codes["b1"] = fit(digits_shards, root / "b", *side)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        codes["b2"] = fit(digits_shards, root / "b", "--set", "fault.nan_at_step=9")
+        codes["b2"] = fit(digits_shards, root / "b", *side)
     return root, codes, out.getvalue()
 
 

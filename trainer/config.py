@@ -49,6 +49,8 @@ train.seed                     integer 0..2**32-1 (numpy's seed range)
 train.max_steps_per_epoch      integer >= 0 (0 = full epochs)
 train.log_every                integer >= 1
 train.checkpoint_every         integer >= 0 (0 = at epoch ends only)
+train.cuda_stream              default (torch's current stream: the legacy default stream) | side (a non-blocking
+                               stream of its own; not with run.parallel=model); CPU: no effect (docs/training.md)
 run.workers                    integer 0..4096 (0 = local mode, in this process)
 run.min_workers                integer 0..run.max_workers (elastic group: the fewest workers it trains with)
 run.max_workers                integer 0..4096 (0 = a fixed group of run.workers; else the most workers, and
@@ -243,13 +245,15 @@ class TrainConfig:
     # a checkpoint (with every rank's data position) every N steps inside an epoch; 0: at epoch ends only
     checkpoint_every: int = 0
     skip_nonfinite: bool = False    # a NaN/inf loss or gradient skips that step instead of stopping the run
+    # the CUDA stream training runs on (trainer/parallelize.py training_stream); "side" is unmeasured so far
+    cuda_stream: Literal["default", "side"] = "default"
 
     def validate(self) -> None:
         c = _Check("train", self)
         c.integer("epochs", 1, 10000)
         c.integer("batch_size", 1, 65536)
         c.integer("seed", 0, 2**32 - 1)
-        for name in ("precision", "channels_last", "compile"):
+        for name in ("precision", "channels_last", "compile", "cuda_stream"):
             c.choice(name)
         c.integer("max_steps_per_epoch", 0, note=" (0 = full epochs)")
         c.integer("log_every", 1)
@@ -429,6 +433,9 @@ class Config:
             raise ValueError(f"train.batch_size ({t.batch_size}) is the global batch and must divide evenly by "
                              f"run.max_workers ({r.max_workers}), the per-worker micro-batch being batch_size / "
                              f"max_workers; e.g. --batch-size {t.batch_size // r.max_workers * r.max_workers or r.max_workers}")
+        if r.parallel == "model" and t.cuda_stream == "side":
+            raise ValueError("train.cuda_stream=side is for a model on one device; run.parallel=model places its two "
+                             "columns on streams itself (trainer/parallel.py): use train.cuda_stream=default")
         if r.parallel == "model" and t.compile == "on":
             raise ValueError("--parallel model runs eagerly (trainer/parallel.py's two-column forward is not "
                              "compiled); use --set train.compile=auto or off")

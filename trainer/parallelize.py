@@ -10,10 +10,13 @@ the loop calls. The pieces are small ``apply_*`` functions applied in this order
 2. channels_last memory format (faster convolutions on tensor-core GPUs);
 3. DistributedDataParallel when there is more than one rank;
 4. ``torch.compile``, outermost, so it sees DDP's hooks.
+
+Where the step's kernels queue is picked apart, per run: :func:`training_stream` (``train.cuda_stream``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -65,3 +68,27 @@ def parallelize(net: nn.Module, cfg: Config, devices: Sequence[torch.device], wo
     if cfg.use_compile():
         model = apply_compile(model)
     return net, model
+
+
+@contextlib.contextmanager
+def training_stream(kind: str, device: torch.device) -> Iterator[torch.cuda.Stream | None]:
+    """The CUDA stream the training loop's work is queued on while the block runs (``train.cuda_stream``).
+
+    ``"default"``: torch's current stream, the legacy default stream unless the caller changed it. ``"side"``: a
+    stream of torch's pool, created non-blocking, so nothing another library queues on the legacy default stream
+    (a synchronous ``cudaMemcpy``, say) waits for the training kernels queued before it, or holds up those after
+    it. The side stream first waits for what the current stream has queued (the weights, the restored state), and
+    the current stream waits for the side stream's work when the block ends. The loader hands its batches over
+    to whichever stream is current (pipeline/dali_loader.py). Nothing changes on the CPU.
+    """
+    if kind != "side" or device.type != "cuda":
+        yield None
+        return
+    outer = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(outer)
+    try:
+        with torch.cuda.stream(side):
+            yield side
+    finally:
+        outer.wait_stream(side)

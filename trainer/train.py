@@ -35,7 +35,7 @@ from trainer.hooks import NonFinitePolicy, NonFiniteStep, ProgressLog
 from trainer.loop import EpochProgress, Hook, Step, evaluate, train_epoch
 from trainer.metrics import MetricsLog
 from trainer.model import AlexNet
-from trainer.parallelize import parallelize
+from trainer.parallelize import parallelize, training_stream
 from trainer.schedule import make_optimizer, make_scheduler
 
 STOPPED = "stopped.txt"   # why a run stopped on purpose (written by rank 0, read by the driver)
@@ -195,6 +195,10 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> str:
         """Train the remaining epochs; return why the run stopped early ("" when it did not)."""
+        with training_stream(self.cfg.train.cuda_stream, self.device):
+            return self._run()
+
+    def _run(self) -> str:
         cfg = self.cfg
         self.restore()
         metrics = MetricsLog(self.run_dir, self.epoch) if self.rank == 0 else None
