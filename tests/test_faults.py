@@ -11,8 +11,9 @@ NaN in the loss). Runs B and C share the session's local Ray cluster (RAY_ADDRES
 killed with it. Runs A and D test nothing of Ray's (A is the yardstick, D's skip is agreed between the ranks by
 torch.distributed), so they run as `torchrun` with two processes and `--workers 0`, local mode's form for
 several ranks, which makes the same steps: that A, run so, is the yardstick of the Ray runs B, C and E also
-proves it. All five start together, so that E's waits (its cluster's start, the 5 s given to the killed
-cluster's processes to exit) overlap the others' work.
+proves it. All five run side by side, so that E's waits (its cluster's start, the 5 s given to the killed
+cluster's processes to exit) overlap the others' work; E starts once B and C train, not in the same seconds as
+them (on two busy cores a Ray node started amid the others' start-up has missed Ray's 30 s start-up limit).
 """
 from __future__ import annotations
 
@@ -112,11 +113,14 @@ def fit(cmd: list[str], log: Path, ray_address: str | None, expect: int = 0) -> 
 
 
 def kill_cluster_then_rerun(cmd: list[str], run: Path, root: Path) -> tuple[dict[str, str], dict]:
-    """Run E: its own local Ray cluster (no RAY_ADDRESS), killed with the whole process tree during epoch 2,
-    then the same command again. Returns its two logs and the Ray processes that outlived the killed driver."""
-    proc = start(cmd, root / "e1.log", None)
+    """Run E: its own local Ray cluster (no RAY_ADDRESS), killed with the whole process tree in epoch 2, where
+    rank 0 hangs before global step 12 (``fault.hang_at_step``: the run stands still there, however fast this
+    machine is today), then the same command again, which does not hang (the fault fired once for this RUN_DIR).
+    Returns its two logs and the Ray processes that outlived the killed driver."""
+    proc = start([*cmd, "--set", f"fault.hang_at_step={HANG_AT}", "--set", "fault.rank=0"], root / "e1.log", None)
     deadline = time.monotonic() + 400
-    while len(read_metrics(run)) < 1 and proc.poll() is None and time.monotonic() < deadline:
+    while not (run / "faults" / f"hang_at_step_{HANG_AT}").is_file() and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.5)
     assert proc.poll() is None, (root / "e1.log").read_text()[-3000:]
     tree = descendants(proc.pid)
@@ -132,8 +136,19 @@ def kill_cluster_then_rerun(cmd: list[str], run: Path, root: Path) -> tuple[dict
         os.kill(pid, signal.SIGKILL)
     time.sleep(1)
     assert not alive(tree)                                        # the whole cluster is gone before the rerun
-    logs = {"e1": (root / "e1.log").read_text(), "e2": fit(cmd, root / "e2.log", None)}
+    logs = {"e1": (root / "e1.log").read_text(), "e2": fit([*cmd, "--set", f"fault.hang_at_step={HANG_AT}",
+                                                            "--set", "fault.rank=0"], root / "e2.log", None)}
     return logs, survivors
+
+
+HANG_AT = 12   # run E's rank 0 hangs before global step 12 (epoch 2 step 4/8)
+
+
+def wait_for_line(logs: list[Path], text: str, timeout: float) -> None:
+    """Until every log holds ``text`` (at most ``timeout`` s: a run that fails first is reported by its test)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(log.is_file() and text in log.read_text() for log in logs):
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +171,10 @@ def runs(digits_shards, ray_cluster, tmp_path_factory):
                 "c2": fit(cmds["c"], root / "c2.log", ray_cluster)}
 
     with ThreadPoolExecutor(max_workers=5) as pool:   # each thread waits on its own command(s)
-        e = pool.submit(kill_cluster_then_rerun, fit_cmd(digits_shards, root / "e"), root / "e", root)
         c = pool.submit(stop_then_resume)
         others = {k: pool.submit(fit, cmds[k], root / f"{k}.log", None if k in "ad" else ray_cluster) for k in "abd"}
+        wait_for_line([root / "b.log", root / "c.log"], "[trainer] epoch 1/2 step ", 300)
+        e = pool.submit(kill_cluster_then_rerun, fit_cmd(digits_shards, root / "e"), root / "e", root)
         logs = {**{k: f.result() for k, f in others.items()}, **c.result()}
         e_logs, survivors = e.result()
     return {"root": root, "logs": {**logs, **e_logs}, "e_survivors": survivors}
@@ -199,5 +215,6 @@ def test_skip_nonfinite_skips_the_step_and_finishes(runs):
 def test_whole_cluster_killed_then_the_same_command_resumes_from_the_storage_path(runs):
     root = runs["root"]
     print("Ray processes that outlived the killed driver by 5 s (then killed):", runs["e_survivors"])
+    assert f"[fault] rank 0: hangs before global step {HANG_AT}" in runs["logs"]["e1"]
     assert "resumed from" in runs["logs"]["e2"] and "resumed from" not in runs["logs"]["e1"]
     assert_same_run(root / "e", root / "a")

@@ -315,12 +315,13 @@ class FaultConfig:
     kill_at_step: int = 0           # SIGKILL the worker process of `rank` before this step
     raise_at_step: int = 0          # raise RuntimeError in `rank` before this step
     nan_at_step: int = 0            # `rank`'s loss becomes NaN at this step
+    hang_at_step: int = 0           # `rank` stops for good before this step (a hung process)
     rank: int = 0
     record_keys: bool = False       # every rank appends each step's sample keys to RUN_DIR/keys/ (tests)
 
     def validate(self) -> None:
         c = _Check("fault", self)
-        for name in ("kill_at_step", "raise_at_step", "nan_at_step"):
+        for name in ("kill_at_step", "raise_at_step", "nan_at_step", "hang_at_step"):
             c.integer(name, 0, note=" (0 = off)")
         c.integer("rank", 0)
         c.flag("record_keys")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import time
 from typing import Mapping
 
@@ -87,12 +86,6 @@ def joins_existing_cluster() -> bool:
 
 # ---------------------------------------------------------------------------------------- cluster
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def quiet_ray_environment(verbose: bool) -> None:
     """Settings for the processes Ray starts from here (they inherit this environment): no colour codes around
     worker-log prefixes when stdout is not a terminal."""
@@ -119,11 +112,10 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
     Ray's CPU counts are logical, so the local cluster advertises at least one CPU per worker plus one
     for the driver: two CPU workers fit on a 2-core machine (they then share the cores).
 
-    Ray's own INFO lines stay in its log folder unless ``verbose``. A local cluster is started with its
-    dashboard's state API, which Ray Train's placement-group cleaner polls every second to see
-    whether the run's controller is alive; ``RAY_API_SERVER_ADDRESS`` tells the cleaner where that API is,
-    so it does not guess among other Ray instances on the same machine. On a cluster without a dashboard
-    the cleaner's warning at every poll stays in Ray's logs too (:func:`dashboard_notice` says it once)."""
+    Ray's own INFO lines stay in its log folder unless ``verbose``. A local cluster runs without the dashboard
+    (:func:`_start_local` says why). On a cluster without one, Ray Train's placement-group cleaner, which asks
+    the dashboard's State API every second whether the run's controller lives, fails each time: its warning
+    stays in Ray's logs too, and on a joined cluster :func:`dashboard_notice` says once what that means."""
     import ray
 
     quiet_ray_environment(verbose)
@@ -150,23 +142,17 @@ def _has_dashboard() -> bool:
 
 
 def dashboard_notice() -> str | None:
-    """fit's one line on a Ray cluster without its dashboard: what is missing, what it costs, the fix; None
-    with the dashboard (or without Ray)."""
+    """fit's one line on a joined Ray cluster without its dashboard: what is missing, what it costs, the fix; None
+    with the dashboard, on a cluster this process started (it ends with fit: the cleaner's work cannot matter)
+    or without Ray."""
     import ray
 
-    if not ray.is_initialized() or _has_dashboard():
+    if not ray.is_initialized() or _started_here or _has_dashboard():
         return None
-    local = not os.environ.get("RAY_ADDRESS")
-    if local and ray._private.utils.get_dashboard_dependency_error() is not None:
-        why, fix = "this Python lacks the Ray dashboard's packages", \
-            'pip install "ray[default]" (this project\'s dependencies include it: pip install -e .)'
-    else:
-        why, fix = "this Ray cluster runs without its dashboard", ('start its head with "ray[default]" installed '
-                                                                   "and `ray start --head --include-dashboard=true`")
-    cost = ("harmless here, as a local cluster ends with fit; on a shared cluster use one with the dashboard" if local
-            else "so a driver that dies may leave the run's placement group reserved")
-    return (f"[trainer] {why}: no dashboard, and Ray Train's placement-group cleaner cannot check the run's "
-            f"controller ({cost}); its repeated warning in Ray's logs means only this. Fix: {fix}")
+    return ("[trainer] this Ray cluster runs without its dashboard: no dashboard, and Ray Train's placement-group "
+            "cleaner cannot check the run's controller (so a driver that dies may leave the run's placement group "
+            "reserved); its repeated warning in Ray's logs means only this. Fix: start its head with "
+            '"ray[default]" installed and `ray start --head --include-dashboard=true`')
 
 
 def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, verbose: bool,
@@ -182,15 +168,22 @@ def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: floa
                          f"for CPU workers or set RAY_ADDRESS to a cluster with GPUs")
     if not verbose:   # a new local cluster gets token authentication (Ray's default); its notice says only that
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    dashboard = {}
-    if ray._private.utils.get_dashboard_dependency_error() is None:   # a minimal ray[train] has no dashboard:
-        port = _free_port()                                             # train without it (dashboard_notice)
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        dashboard = dict(dashboard_host="127.0.0.1", dashboard_port=port)
+    # No dashboard: nobody looks at a local cluster's (fit names no address for it), and it is the heaviest part
+    # of the start (a dozen Python processes; on two busy cores it has made the node miss Ray's 30 s start-up
+    # limit). Its State API would serve only Ray Train's placement-group cleaner, whose work cannot matter for a
+    # cluster that ends with fit. The cleaner is pointed at a port where nothing listens, so that it never asks
+    # another Ray instance on this machine, which would not know this run's controller and would have the
+    # cleaner remove the run's placement group; its failed tries stay in Ray's logs (CLEANER_LINES).
+    os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:1"
+    global _started_here
+    _started_here = True
     # address="local": a new cluster even where another one (`ray start`, a second fit) runs on this machine;
     # without it ray.init joins that one, refusing the CPU and GPU counts given here
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need + 1), num_gpus=gpus,
-             include_dashboard=bool(dashboard), log_to_driver=True, logging_level=level, **dashboard)
+             include_dashboard=False, log_to_driver=True, logging_level=level)
+
+
+_started_here = False   # whether this process started the cluster it is on (_start_local)
 
 
 # Lines of Ray's preemption watcher kept in Ray's logs, off the console: (1) it takes actor handles as
