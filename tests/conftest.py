@@ -72,11 +72,6 @@ def run_main(capfd):
 
 # ---------------------------------------------------------------- Ray
 
-# Ray Train's controller polls its workers every 2 s by default: a run's end, a worker's death and a group's
-# start each wait for the next poll. Tests poll every 0.5 s (about 8 s less per fit with a restart); the
-# variable reaches the fit subprocesses and, through Ray Train, their controllers.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
 # Logical CPUs of the shared cluster: the most any module runs at once is four 2-worker fits (test_faults).
 RAY_CPUS = 8
 
@@ -97,16 +92,12 @@ def ray_cluster() -> str:
 
 # ---------------------------------------------------------------- order (make test runs modules in parallel)
 
-# `make test` spreads whole modules over pytest-xdist workers (--dist loadfile) in collection order: one module
-# to each worker, then the next module in line to whichever worker has two tests or fewer left. So the modules
-# that take longest (multi-process Ray runs, each one module-scoped fixture) are collected first, and the many
-# short modules fill the workers after them. The third worker opens with test_fuzz_shards (CPU only), which
-# leaves it asking at once for test_elastic, run next: its four-node Ray cluster then starts after the first
-# two modules' clusters are up, not with them (on two cores, starting everything at once has made a raylet
-# miss Ray's 30 s registration limit). Unlisted modules follow.
-LONGEST_FIRST = ("test_faults.py", "test_trainer.py", "test_fuzz_shards.py", "test_elastic.py", "test_gpu_check.py",
-                 "test_cluster_e2e.py", "test_ablate.py", "test_elastic_train.py", "test_local_mode.py",
-                 "test_console.py", "test_bad_input.py", "test_parallel_fit.py")
+# `make test` spreads whole modules over pytest-xdist workers (--dist loadfile) in collection order, so the
+# modules that take longest (multi-process Ray runs) are collected first and start at once, and the many
+# short modules fill the other workers meanwhile. Longest first, as measured; unlisted modules follow.
+LONGEST_FIRST = ("test_faults.py", "test_trainer.py", "test_elastic.py", "test_gpu_check.py", "test_cluster_e2e.py",
+                 "test_ablate.py", "test_elastic_train.py", "test_local_mode.py", "test_console.py",
+                 "test_bad_input.py", "test_parallel_fit.py")
 
 
 def pytest_collection_modifyitems(config, items):
