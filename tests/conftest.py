@@ -84,8 +84,21 @@ def ray_cluster() -> str:
     import ray
 
     if not ray.is_initialized():
-        # address="local": its own cluster, whatever other test processes (pytest-xdist workers) run
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+        # Without a dashboard, Ray Train's placement-group cleaner would ask whichever Ray instance on this machine
+        # is newest (another module's cluster, one with a dashboard) whether a run's controller lives, be told no,
+        # and remove that run's placement group: it is pointed where nothing answers (as fit does for its own
+        # local cluster). The cluster's processes take the variable at their start; the test process's other
+        # children do not.
+        before = os.environ.get("RAY_API_SERVER_ADDRESS")
+        os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:1"
+        try:
+            # address="local": its own cluster, whatever other test processes (pytest-xdist workers) run
+            ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+        finally:
+            if before is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS")
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = before
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
