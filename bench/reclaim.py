@@ -192,9 +192,8 @@ def drain(cluster: LocalCluster, node_id: str, deadline_s: float) -> None:
                     "--why", "spot reclaim (test)"], env=env, check=True, capture_output=True, timeout=60)
 
 
-def worker_pids(node) -> list[int]:
-    """The Ray Train worker processes on ``node`` (below its raylet), e.g. to send one a SIGTERM."""
-    raylet = node.all_processes["raylet"][0].process.pid
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc): a node's workers, or what a killed cluster left behind."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -203,15 +202,24 @@ def worker_pids(node) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [raylet]
+    found, todo = set(), [pid]
     while todo:
         for child in children.get(todo.pop(), []):
-            todo.append(child)
-            try:
-                if b"RayTrainWorker" in (Path("/proc") / str(child) / "cmdline").read_bytes():
-                    found.append(child)
-            except OSError:
-                pass
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def worker_pids(node) -> list[int]:
+    """The Ray Train worker processes on ``node`` (below its raylet), e.g. to send one a SIGTERM."""
+    found = []
+    for pid in sorted(descendants(node.all_processes["raylet"][0].process.pid)):
+        try:
+            if b"RayTrainWorker" in (Path("/proc") / str(pid) / "cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
     return found
 
 

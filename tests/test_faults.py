@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.reclaim import descendants
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -75,25 +76,6 @@ def assert_same_run(run: Path, reference: Path) -> None:
         assert [r[key] for r in got] == [r[key] for r in want], key
     a, b = weights(run), weights(reference)
     assert all(torch.equal(a[k], b[k]) for k in b)
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc), to check that a stopped cluster left nothing behind."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def alive(pids: set[int]) -> set[int]:
