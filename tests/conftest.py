@@ -89,8 +89,10 @@ def ray_cluster() -> str:
         # and remove that run's placement group: it is pointed where nothing answers (as fit does for its own
         # local cluster). The cluster's processes take the variable at their start; the test process's other
         # children do not.
+        from trainer.ray_cluster import NO_STATE_API
+
         before = os.environ.get("RAY_API_SERVER_ADDRESS")
-        os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:1"
+        os.environ["RAY_API_SERVER_ADDRESS"] = NO_STATE_API
         try:
             # address="local": its own cluster, whatever other test processes (pytest-xdist workers) run
             ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)

@@ -174,7 +174,7 @@ def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: floa
     # cluster that ends with fit. The cleaner is pointed at a port where nothing listens, so that it never asks
     # another Ray instance on this machine, which would not know this run's controller and would have the
     # cleaner remove the run's placement group; its failed tries stay in Ray's logs (CLEANER_LINES).
-    os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:1"
+    os.environ["RAY_API_SERVER_ADDRESS"] = NO_STATE_API
     global _started_here
     _started_here = True
     # address="local": a new cluster even where another one (`ray start`, a second fit) runs on this machine;
@@ -184,6 +184,9 @@ def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: floa
 
 
 _started_here = False   # whether this process started the cluster it is on (_start_local)
+# Where Ray Train's placement-group cleaner is sent on a cluster without a dashboard: a port where nothing listens
+# (1, privileged), so it never asks another Ray instance on this machine about a run it does not know
+NO_STATE_API = "http://127.0.0.1:1"
 
 
 # Lines of Ray's preemption watcher kept in Ray's logs, off the console: (1) it takes actor handles as
