@@ -11,7 +11,8 @@ worker of ``fit --workers 1-2`` runs on its own node; 640 training samples, 20 s
    autoscaler): every rank reads the notice at its next check point, the group checkpoints at once, trains on,
    checkpoints again just before the deadline and stops stepping; then the node is killed (SIGKILL of all its
    processes), as the cloud does;
-2. the group restarts with the one worker that fits, from that last checkpoint;
+2. the group restarts with the one worker that fits, from that last checkpoint, and checkpoints after its
+   first step (a group that changed size always does);
 3. a new node joins: the group grows back to two workers;
 4. a worker process of the grown group gets SIGTERM (a pod deletion, a VM's shutdown): a checkpoint, and
    training goes on;
@@ -61,8 +62,9 @@ def elastic_run(digits_shards, tmp_path_factory):
                  lambda: any("no more steps until" in x for x in log_lines(run)), proc, log, DEADLINE_S + 30)
         cluster.kill_node(cluster.nodes[1])                        # the cloud takes the node
         mark("killed")
-        one = wait_for("the group of one", lambda: [g for g in groups(run) if g["world"] == 1 and g["steps"]],
-                       proc, log, 120)[0]
+        # two steps: a resized group checkpoints after its first, so that growing back restarts from it
+        one = wait_for("the group of one", lambda: [g for g in groups(run) if g["world"] == 1
+                                                    and len(g["steps"]) >= 2], proc, log, 120)[0]
         mark("shrunk")
         added = cluster.add_node()
         two = wait_for("the group of two again", lambda: [g for g in groups(run) if g["id"] > one["id"] and

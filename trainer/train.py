@@ -128,6 +128,7 @@ class Trainer:
         self.progress = EpochProgress.from_state(None, self.device)
         self.last_saved = "none"
         self.resizes: list[dict] = []   # this epoch's group size changes, for its metrics.jsonl line
+        self.resize_unsaved = False     # a resized group saves after its first step (MidEpochCheckpoint)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def position(self, last_epoch: int, step: int, rng: list, ranks: list | None) -> dict[str, Any]:
@@ -154,6 +155,7 @@ class Trainer:
             position = {**self.position(at.epoch - 1, at.step + 1, rng, ranks), "data": data}
         self.checkpointer.save({"epoch": at.epoch, "step": at.step + 1, "val_top1": -1.0, "mid_epoch": 1}, position)
         self.last_saved = f"epoch {at.epoch} + {at.step + 1} steps"
+        self.resize_unsaved = False
 
     def restore(self) -> None:
         where, state = self.checkpointer.restore()
@@ -183,6 +185,7 @@ class Trainer:
             torch.manual_seed(derive_seed(self.cfg.train.seed, self.rank, self.world, self.epoch, self.step))
         self.resizes = list(state.get("resizes") or []) if ranks else []
         if was != self.world:
+            self.resize_unsaved = True
             self.resizes.append({"from": was, "to": self.world, "epoch": self.epoch, "step": self.step})
             self.log(f"[trainer] the group changed from {was} to {self.world} workers at epoch {self.epoch + 1} step "
                      f"{self.step}; global batch {self.cfg.train.batch_size} kept ({self.accumulate} x {self.micro} "
@@ -269,15 +272,19 @@ class Trainer:
                                                        "images_per_s")},
                                self.position(epoch, 0, rng, None) if self.rank == 0 else None)
         self.last_saved = f"epoch {epoch + 1}"
-        self.resizes = []
+        self.resizes, self.resize_unsaved = [], False
 
 
 class MidEpochCheckpoint(Hook):
-    """``train.checkpoint_every N``: save the training state after every N-th step of an epoch but the last."""
+    """``train.checkpoint_every N``: save the training state after every N-th step of an epoch but the last;
+    and after the first step of a group that changed size, whatever N: Ray Train grows a group by restarting
+    it from the newest checkpoint, which without this could predate the resize, losing it from the record
+    (metrics.jsonl's ``resizes``) along with all the smaller group trained."""
 
     def __init__(self, trainer: Trainer, every: int):
         self.trainer, self.every = trainer, every
 
     def after_step(self, at: Step, loss: torch.Tensor, batch_size: int, progress: EpochProgress) -> None:
-        if self.every and (at.step + 1) % self.every == 0 and at.step + 1 < at.steps:
+        due = self.every and (at.step + 1) % self.every == 0
+        if (due or self.trainer.resize_unsaved) and at.step + 1 < at.steps:
             self.trainer.save_mid_epoch(at)
