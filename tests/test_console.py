@@ -153,10 +153,31 @@ def test_the_cleaners_warning_without_a_state_api_is_dropped_and_fit_says_why_on
     assert len(lines) >= 2, f"no warnings from the cleaner (pid {pid}) in {ray_log_dir()}"
     assert drop_lines({"pid": str(pid), "actor_name": "PlacementGroupCleaner", "lines": lines}, CLEANER_LINES) is None
     notice = dashboard_notice()
-    assert notice.startswith("[trainer] this Ray cluster runs without its dashboard: no dashboard, and Ray Train's "
-                             "placement-group cleaner cannot check the run's controller (") and "\n" not in notice
+    assert notice.startswith("[trainer] this Ray cluster runs without its dashboard: no dashboard, so no "
+                             "placement-group cleaner (") and "\n" not in notice
     assert notice.endswith('Fix: start its head with "ray[default]" installed and '
                            "`ray start --head --include-dashboard=true`")
+
+
+def test_the_trainer_leaves_out_ray_trains_helper_actors_it_has_no_use_for(ray_cluster):
+    """Ray Train's real default callbacks: the dataset manager's always goes (no datasets are handed to Ray Train),
+    the placement-group cleaner's only where no State API is (the session's cluster has no dashboard). Both names
+    must be among Ray's defaults: a Ray version that renames them fails here instead of quietly keeping them."""
+    from ray.train.torch import TorchTrainer
+
+    from trainer.ray_cluster import (UNUSED_CALLBACKS, UNUSED_WITHOUT_STATE_API, lean_callbacks,
+                                     lean_torch_trainer)
+
+    def names(trainer) -> list[str]:
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    ray_own = names(TorchTrainer(lambda: None))
+    assert set(UNUSED_CALLBACKS + UNUSED_WITHOUT_STATE_API) <= set(ray_own), ray_own
+    assert names(lean_torch_trainer(lambda: None)) == [n for n in ray_own if n not in
+                                                        UNUSED_CALLBACKS + UNUSED_WITHOUT_STATE_API]
+    with_state_api = [type(c).__name__ for c in lean_callbacks(TorchTrainer(lambda: None)._create_default_callbacks(),
+                                                               state_api=True)]
+    assert with_state_api == [n for n in ray_own if n not in UNUSED_CALLBACKS]
 
 
 # ---- a real run ---------------------------------------------------------------------------------
@@ -188,3 +209,7 @@ def test_a_default_run_decides_from_the_cluster_and_prints_only_its_own_lines(di
     saved = json.loads((run / "config.json").read_text())["config"]["run"]
     assert (saved["workers"], saved["gpus_per_worker"]) == (1, 0)                # what "auto" became
     assert (run / "train.log").read_text().splitlines() == lines[2:-3]            # rank 0's lines, kept
+    # no dataset manager started (an actor's log names it on its first line; no fit in this session starts one)
+    from trainer.ray_cluster import ray_log_dir
+
+    assert not [f for f in Path(ray_log_dir()).glob("worker-*.out") if ":actor_name:DatasetManager" in f.read_text()]

@@ -216,10 +216,10 @@ def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     Rank 0's lines reach this process through RUN_DIR/train.log (trainer/console.py); Ray's own log lines
     stay in Ray's log folder unless ``verbose``."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from trainer.preemption import preemptible_torch_config
-    from trainer.ray_cluster import FailureNotice, watch_preemption
+    from trainer.ray_cluster import FailureNotice, lean_torch_trainer, watch_preemption
 
     cfg.run.out = str(Path(cfg.run.out).resolve())
     cfg.data.train, cfg.data.val = _absolute(cfg.data.train), _absolute(cfg.data.val)
@@ -256,7 +256,7 @@ def fit(cfg: Config, verbose: bool = False) -> dict[str, Any]:
         print(f"[trainer] fit: {reason}; {where} x {each}, global batch {cfg.train.batch_size}, "
               f"preset {cfg.preset}, {cfg.precision_note()}, width {cfg.model.width}, peak lr {cfg.peak_lr():g}, "
               f"{len(classes)} classes, run dir {run_dir}", flush=True)
-    trainer = TorchTrainer(
+    trainer = lean_torch_trainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "classes": classes, "verbose": verbose},
         torch_config=(preemptible_torch_config if cfg.run.preemption_check_every else TorchConfig)(

@@ -113,9 +113,9 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
     for the driver: two CPU workers fit on a 2-core machine (they then share the cores).
 
     Ray's own INFO lines stay in its log folder unless ``verbose``. A local cluster runs without the dashboard
-    (:func:`_start_local` says why). On a cluster without one, Ray Train's placement-group cleaner, which asks
-    the dashboard's State API every second whether the run's controller lives, fails each time: its warning
-    stays in Ray's logs too, and on a joined cluster :func:`dashboard_notice` says once what that means."""
+    (:func:`_start_local` says why). On a cluster without one fit starts no placement-group cleaner
+    (:func:`lean_torch_trainer`); should Ray start one anyway (another Ray version), its warning at every failed
+    try stays in Ray's logs too. On a joined cluster :func:`dashboard_notice` says once what that means."""
     import ray
 
     quiet_ray_environment(verbose)
@@ -149,10 +149,36 @@ def dashboard_notice() -> str | None:
 
     if not ray.is_initialized() or _started_here or _has_dashboard():
         return None
-    return ("[trainer] this Ray cluster runs without its dashboard: no dashboard, and Ray Train's placement-group "
-            "cleaner cannot check the run's controller (so a driver that dies may leave the run's placement group "
-            "reserved); its repeated warning in Ray's logs means only this. Fix: start its head with "
+    return ("[trainer] this Ray cluster runs without its dashboard: no dashboard, so no placement-group cleaner "
+            "(Ray Train's asks the dashboard's State API whether the run's controller lives; a driver that dies "
+            "may leave the run's placement group reserved). Fix: start its head with "
             '"ray[default]" installed and `ray start --head --include-dashboard=true`')
+
+
+# Ray Train's default callbacks this trainer leaves out, each the helper actor it starts, a Python process of about
+# 2-3 CPU-seconds per worker group (so at every restart and resize): the dataset manager (this trainer hands Ray
+# Train no datasets: its own loaders read the shards) and, without the dashboard's State API, the placement-group
+# cleaner, which can only fail there (it never removes anything, and warns every second).
+UNUSED_CALLBACKS = ("DatasetsCallback",)
+UNUSED_WITHOUT_STATE_API = ("PlacementGroupCleanerCallback",)
+
+
+def lean_callbacks(callbacks: list, state_api: bool) -> list:
+    """``callbacks`` less those named in UNUSED_CALLBACKS (and UNUSED_WITHOUT_STATE_API unless ``state_api``)."""
+    unused = UNUSED_CALLBACKS + (() if state_api else UNUSED_WITHOUT_STATE_API)
+    return [c for c in callbacks if type(c).__name__ not in unused]
+
+
+def lean_torch_trainer(*args, **kwargs):
+    """Ray Train's ``TorchTrainer(*args, **kwargs)`` without the helper actors of :func:`lean_callbacks`. It
+    overrides a private method of Ray Train's; where a Ray version lacks it, the trainer is Ray's own, unchanged."""
+    from ray.train.torch import TorchTrainer
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return lean_callbacks(super()._create_default_callbacks(), _has_dashboard())
+
+    return LeanTorchTrainer(*args, **kwargs)
 
 
 def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, verbose: bool,
