@@ -4,7 +4,10 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,12 @@ class DigitsShards:
     raw: Path        # the exported class folders: raw/train/digit_<d>/*.jpg, raw/val/...
 
 
+def shared_dir(tmp_path_factory) -> Path:
+    """The session's temporary folder that every pytest-xdist worker (and the controlling process) sees."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base   # pytest-N/, above popen-gwK/
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> DigitsShards:
     """Built once per test session, read-only for every test (a test that changes shards copies them first).
@@ -30,9 +39,7 @@ def digits_shards(tmp_path_factory) -> DigitsShards:
     from shards.build import BuildConfig, build
     from shards.sample_data import export_digits
 
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent   # pytest-N/, above each worker's popen-gwK/
+    base = shared_dir(tmp_path_factory)
     root = base / "digits"
     done = root / "built"
     with FileLock(str(base / "digits.lock")):
@@ -72,37 +79,77 @@ def run_main(capfd):
 
 # ---------------------------------------------------------------- Ray
 
-# Logical CPUs of the shared cluster: the most any module runs at once is four 2-worker fits (test_faults).
-RAY_CPUS = 8
+# Ray's token authentication, which a new local cluster turns on: a process joins one only with this set before
+# it imports Ray (the token itself: ~/.ray/auth_token), so it is set here, for this process and its children.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+# Logical CPUs of the session's cluster, shared by every pytest-xdist worker: test_faults' two ranks, test_trainer's
+# three eval tasks and the one-worker fits of test_console, test_gpu_check and test_bad_input can meet on it.
+RAY_CPUS = 12
+RAY_HEAD = Path(__file__).with_name("ray_head.py")
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> str:
-    """One local Ray cluster for every module whose tests need actors, started on first use (Ray's start-up
-    costs seconds, paid once per session); yields its GCS address for subprocesses (RAY_ADDRESS). In-process
-    callers (trainer.ray_cluster.init_ray, evaluate) find Ray initialised and join it."""
+def ray_cluster(tmp_path_factory) -> str:
+    """One local Ray cluster for the whole session, however many pytest-xdist workers share it: the first test that
+    needs actors starts it (tests/ray_head.py, a process of its own, so it outlives the worker that started it),
+    the others join it; the session's end stops it (:func:`pytest_sessionfinish`). Yields its GCS address for
+    subprocesses (RAY_ADDRESS); in-process callers (trainer.ray_cluster.init_ray, evaluate) find Ray initialised
+    and join it."""
     import ray
+    from filelock import FileLock
 
+    from trainer.ray_cluster import NO_STATE_API
+
+    state = shared_dir(tmp_path_factory) / "ray"
+    with FileLock(f"{state}.lock"):
+        if not (state / "address").is_file():
+            state.mkdir(exist_ok=True)
+            # the process whose end ends the session: xdist's controller, the parent of each worker
+            session = os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
+            # Without a dashboard, Ray Train's placement-group cleaner (should one run) would ask whichever Ray
+            # instance on this machine is newest (another module's cluster, one with a dashboard) whether a run's
+            # controller lives, be told no, and remove that run's placement group: it is pointed where nothing
+            # answers, as fit does for its own local cluster. The cluster's processes take it from the head's.
+            head = subprocess.Popen([sys.executable, str(RAY_HEAD), str(state), str(session), str(RAY_CPUS)],
+                                    env={**os.environ, "RAY_API_SERVER_ADDRESS": NO_STATE_API},
+                                    stdout=open(state / "head.log", "w"), stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            (state / "pid").write_text(str(head.pid))
+            deadline = time.monotonic() + 180
+            while not (state / "address").is_file():
+                if head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the session's Ray cluster did not start; {state / 'head.log'}:\n"
+                                + (state / "head.log").read_text()[-3000:])
+                time.sleep(0.2)
+    address = (state / "address").read_text()
     if not ray.is_initialized():
-        # Without a dashboard, Ray Train's placement-group cleaner would ask whichever Ray instance on this machine
-        # is newest (another module's cluster, one with a dashboard) whether a run's controller lives, be told no,
-        # and remove that run's placement group: it is pointed where nothing answers (as fit does for its own
-        # local cluster). The cluster's processes take the variable at their start; the test process's other
-        # children do not.
-        from trainer.ray_cluster import NO_STATE_API
-
-        before = os.environ.get("RAY_API_SERVER_ADDRESS")
-        os.environ["RAY_API_SERVER_ADDRESS"] = NO_STATE_API
-        try:
-            # address="local": its own cluster, whatever other test processes (pytest-xdist workers) run
-            ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
-        finally:
-            if before is None:
-                os.environ.pop("RAY_API_SERVER_ADDRESS")
-            else:
-                os.environ["RAY_API_SERVER_ADDRESS"] = before
-    yield ray.get_runtime_context().gcs_address
+        ray.init(address=address, log_to_driver=False)
+    yield address
     ray.shutdown()
+
+
+def pytest_sessionfinish(session):
+    """The controlling process stops the session's Ray cluster, if one was started, once every test is done."""
+    if hasattr(session.config, "workerinput"):   # a pytest-xdist worker: others may still use the cluster
+        return
+    state = shared_dir(session.config._tmp_path_factory) / "ray"
+    if not (state / "pid").is_file():
+        return
+    (state / "stop").touch()
+    pid, deadline = int((state / "pid").read_text()), time.monotonic() + 30
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if running(pid):
+        os.killpg(pid, signal.SIGKILL)   # its cluster's processes share its process group (start_new_session)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie, exited but not yet reaped, has)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------- order (make test runs modules in parallel)

@@ -1,13 +1,11 @@
-"""The trainer for real: Ray Train with two CPU workers (gloo DDP) on the digits shards, then eval and predict.
+"""The trainer for real: two ranks (gloo DDP) on the digits shards, then eval and predict.
 
-The session's local Ray cluster serves the module; the `fit` commands run as subprocesses that join it through
-RAY_ADDRESS (the path a user takes on a real cluster). Two runs start side by side to share start-up time:
-run A trains 3 epochs straight; run B trains 2 epochs, with a worker SIGKILLed in the middle of its second
-epoch (Ray Train restarts the group from the first epoch's checkpoint), then the same command with --epochs 3
-resumes it. With the same seed run B must end bit-identical to run A, which holds only if the parameters,
-optimizer state, scheduler state, epoch and every rank's RNG state were all restored exactly, twice.
-Run A, the yardstick, tests nothing of Ray's: it runs as two `torchrun` processes with `--workers 0` (local
-mode's form for several ranks), so B matching it also shows that both forms make the same steps.
+Run A trains 3 epochs straight; run B trains 2 epochs, then the same command with --epochs 3 resumes it. With
+the same seed run B must end bit-identical to run A, which holds only if the parameters, optimizer state,
+scheduler state, epoch and every rank's RNG state were all restored exactly. Neither tests anything of Ray's, so
+both run as two `torchrun` processes with `--workers 0` (local mode's form for several ranks), side by side;
+Ray Train's worker groups, their restarts and resumes are tests/test_faults.py's (whose yardstick is such a
+torchrun run). The evaluation spreads over the session's local Ray cluster.
 """
 from __future__ import annotations
 
@@ -25,30 +23,21 @@ from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--workers", "2", "--batch-size", "32", "--width", "0.25", "--loader", "dali",
+SMALL = ["--batch-size", "32", "--width", "0.25", "--loader", "dali",
          "--set", "data.image_size=64", "--set", "data.num_threads=1", "--set", "schedule.kind=plateau",
          "--set", "optim.lr=0.08", "--set", "train.log_every=15", "--set", "data.flip=false"]
-
-
-@pytest.fixture(scope="module")
-def ray_address(ray_cluster):
-    return ray_cluster
 
 
 def trainer_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "trainer", *args]
 
 
-def start(args: list[str], ray_address: str | None, log: Path) -> subprocess.Popen:
-    """``fit ARGS`` joining the cluster at ``ray_address``; without one, as two torchrun ranks in local mode."""
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    """``fit ARGS`` as two torchrun ranks in local mode (no Ray cluster)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    cmd = trainer_cmd("fit", *args)
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *cmd[1:],
-               "--workers", "0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *trainer_cmd("fit", *args)[1:], "--workers", "0"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -60,18 +49,14 @@ def finish(proc: subprocess.Popen, log: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(digits_shards, ray_address, tmp_path_factory):
+def runs(digits_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     data = ["--train", str(digits_shards.train), "--val", str(digits_shards.val)]
     a = [*data, "--out", str(root / "a"), *SMALL, "--epochs", "3", "--set", "run.save_rank_states=true"]
     b = [*data, "--out", str(root / "b"), *SMALL]
-    proc_a = start(a, None, root / "a.log")
-    # rank 1 is SIGKILLed in run B's second epoch (global step 60 of 44 per epoch): Ray Train restarts the
-    # group from epoch 1's checkpoint
-    proc_b = start([*b, "--epochs", "2", "--set", "fault.kill_at_step=60", "--set", "fault.rank=1"], ray_address,
-                   root / "b1.log")
-    logs = {"b1": finish(proc_b, root / "b1.log")}
-    logs["b2"] = finish(start([*b, "--epochs", "3"], ray_address, root / "b2.log"), root / "b2.log")
+    proc_a = start(a, root / "a.log")
+    logs = {"b1": finish(start([*b, "--epochs", "2"], root / "b1.log"), root / "b1.log")}
+    logs["b2"] = finish(start([*b, "--epochs", "3"], root / "b2.log"), root / "b2.log")
     logs["a"] = finish(proc_a, root / "a.log")
     return {"a": root / "a", "b": root / "b", "logs": logs}
 
@@ -106,19 +91,13 @@ def test_last_and_best_are_plain_weights_only_model_files(runs, digits_shards):
     assert last["meta"]["epoch"] == 2
     assert best["meta"]["val_top1"] == max(r["val_top1"] for r in history)
     assert not [p for p in runs["a"].iterdir() if p.name.endswith(".tmp")]
-    # the last and the best checkpoint only: Ray Train's CheckpointConfig in run B, local mode's two newest in A
+    # the last and the best checkpoint only (local mode keeps the newest two on the storage path)
     for run in (runs["a"], runs["b"]):
-        assert len(sorted((run / "ray").glob("checkpoint_*"))) in (1, 2)
-
-
-def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(runs):
-    log = runs["logs"]["b1"]
-    assert (runs["b"] / "faults" / "kill_at_step_60").is_file()     # trainer/faults.py fired
-    assert "resumed from" in log and "at epoch 2/2" in log       # FailureConfig(max_failures) restarted it
-    assert [r["epoch"] for r in read_metrics(runs["b"])] == [0, 1, 2]  # each epoch logged once
+        assert len([p for p in (run / "ray").glob("checkpoint_*") if p.is_dir()]) in (1, 2)
 
 
 def test_rerun_resumes_at_the_next_epoch_with_exactly_the_saved_state(runs):
+    assert "resumed from" not in runs["logs"]["b1"]
     assert "resumed from" in runs["logs"]["b2"] and "at epoch 3/3" in runs["logs"]["b2"]
     assert [r["epoch"] for r in read_metrics(runs["b"])] == [0, 1, 2]
     a, b = read_metrics(runs["a"]), read_metrics(runs["b"])
@@ -130,7 +109,7 @@ def test_rerun_resumes_at_the_next_epoch_with_exactly_the_saved_state(runs):
         assert torch.equal(last_a[key], last_b[key]), key
 
 
-def test_eval_counts_every_val_image_once_for_1_2_3_workers(runs, digits_shards, ray_address):
+def test_eval_counts_every_val_image_once_for_1_2_3_workers(runs, digits_shards, ray_cluster):
     from trainer.evaluate import evaluate
 
     n = load_manifest(digits_shards.val)["num_samples"]
