@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch-size", "32", "--width", "0.25", "--loader", "dali",
          "--set", "data.image_size=64", "--set", "data.num_threads=1", "--set", "schedule.kind=plateau",
-         "--set", "optim.lr=0.08", "--set", "train.log_every=15", "--set", "data.flip=false"]
+         "--set", "optim.lr=0.08", "--set", "train.log_every=10", "--set", "data.flip=false",
+         "--set", "train.max_steps_per_epoch=20"]
 
 
 def trainer_cmd(*args: str) -> list[str]:
