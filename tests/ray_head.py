@@ -25,8 +25,10 @@ def alive(pid: int) -> bool:
 def main(state: Path, watch_pid: int, cpus: int) -> None:
     import ray
 
-    # address="local": a cluster of its own, whatever other Ray instances this machine runs
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    # address="local": a cluster of its own, whatever other Ray instances this machine runs. No worker processes
+    # started ahead for this driver, which runs nothing (the tests' drivers get theirs as they need them).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             _system_config={"prestart_worker_first_driver": False})
     tmp = state / "address.tmp"
     tmp.write_text(ray.get_runtime_context().gcs_address)
     tmp.rename(state / "address")

@@ -4,7 +4,8 @@ Every run is the same tiny recipe (width 0.125, 64 px, 2 CPU workers, 2 epochs o
 3 steps, the modern preset's per-step cosine schedule) on the digits shards, with the same seed. The
 uninterrupted run A is the yardstick: a run that survives a fault must end with exactly A's weights and
 metrics, which holds only if the model, optimizer, scheduler, RNG states, running loss and every rank's
-data position (DALI pipeline checkpoint) were restored where the last checkpoint was taken.
+data position (DALI pipeline checkpoint) were restored where the last checkpoint was taken. A's two ranks
+also save their own models, which DDP must keep identical.
 
 Failures come from the ``fault.*`` config knobs (trainer/faults.py: a real SIGKILL, a real exception, a real
 NaN in the loss). Run B meets three of them, one command run twice on the session's local Ray cluster
@@ -132,7 +133,7 @@ HANG_AT = 12   # run E's rank 0 hangs before global step 12 (epoch 2 step 4/8)
 def runs(digits_shards, ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     cmds = {
-        "a": torchrun_cmd(digits_shards, root / "a"),
+        "a": torchrun_cmd(digits_shards, root / "a", "--set", "run.save_rank_states=true"),
         # rank 1 is SIGKILLed before global step 6 (epoch 1, checkpoint after step 3); its loss turns NaN at
         # global step 11 (epoch 2 step 3/8): the run stops. Rerun, it raises before step 13, after the
         # checkpoint of epoch 2 step 3
@@ -153,6 +154,18 @@ def runs(digits_shards, ray_cluster, tmp_path_factory):
         logs = {**{k: f.result() for k, f in others.items()}, **b.result()}
         e_logs, survivors = kill_cluster_then_rerun(fit_cmd(digits_shards, root / "e"), root / "e", root)
     return {"root": root, "logs": {**logs, **e_logs}, "e_survivors": survivors}
+
+
+def test_ddp_keeps_both_ranks_parameters_identical(runs):
+    """Run A's two ranks, each saving its own model at every epoch's end (run.save_rank_states)."""
+    a = runs["root"] / "a"
+    rank0 = torch.load(a / "rank_states" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(a / "rank_states" / "rank1.pt", weights_only=True)
+    last = weights(a)
+    assert set(rank0) == set(rank1) == set(last)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key        # the two ranks saw different images
+        assert torch.equal(rank0[key], last[key]), key
 
 
 def test_killed_and_raising_workers_are_restarted_and_the_run_matches_an_uninterrupted_one(runs):

@@ -1,64 +1,48 @@
-"""The trainer for real: two ranks (gloo DDP) on the digits shards, then eval and predict.
+"""The trainer for real on the digits shards: training, resuming, eval and predict.
 
 Run A trains 3 epochs straight; run B trains 2 epochs, then the same command with --epochs 3 resumes it. With
 the same seed run B must end bit-identical to run A, which holds only if the parameters, optimizer state,
-scheduler state, epoch and every rank's RNG state were all restored exactly. Neither tests anything of Ray's, so
-both run as two `torchrun` processes with `--workers 0` (local mode's form for several ranks), side by side;
-Ray Train's worker groups, their restarts and resumes are tests/test_faults.py's (whose yardstick is such a
-torchrun run). The evaluation spreads over the session's local Ray cluster.
+scheduler state, epoch and RNG state were all restored exactly. Neither tests anything of Ray's or of several
+ranks, so both run in this process (`--workers 0`, Ray Train's local mode: no start-up paid per run); Ray Train's
+worker groups, their restarts and resumes, and DDP's ranks are tests/test_faults.py's. The evaluation spreads over
+the session's local Ray cluster.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from shards.manifest import load_classes, load_manifest
+from trainer.cli import main
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--batch-size", "32", "--width", "0.25", "--loader", "dali",
+SMALL = ["--workers", "0", "--batch-size", "32", "--width", "0.25", "--loader", "dali",
          "--set", "data.image_size=64", "--set", "data.num_threads=1", "--set", "schedule.kind=plateau",
          "--set", "optim.lr=0.08", "--set", "train.log_every=10", "--set", "data.flip=false",
          "--set", "train.max_steps_per_epoch=20"]
 
 
-def trainer_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trainer", *args]
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    """``fit ARGS`` as two torchrun ranks in local mode (no Ray cluster)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           *trainer_cmd("fit", *args)[1:], "--workers", "0"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def finish(proc: subprocess.Popen, log: Path) -> str:
-    proc.wait(timeout=600)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-3000:]
-    return text
+def fit(*args: str) -> str:
+    """``fit ARGS`` in this process; returns what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["fit", *args])
+    assert code == 0, out.getvalue()[-3000:]
+    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
 def runs(digits_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     data = ["--train", str(digits_shards.train), "--val", str(digits_shards.val)]
-    a = [*data, "--out", str(root / "a"), *SMALL, "--epochs", "3", "--set", "run.save_rank_states=true"]
+    a = [*data, "--out", str(root / "a"), *SMALL, "--epochs", "3"]
     b = [*data, "--out", str(root / "b"), *SMALL]
-    proc_a = start(a, root / "a.log")
-    logs = {"b1": finish(start([*b, "--epochs", "2"], root / "b1.log"), root / "b1.log")}
-    logs["b2"] = finish(start([*b, "--epochs", "3"], root / "b2.log"), root / "b2.log")
-    logs["a"] = finish(proc_a, root / "a.log")
+    logs = {"a": fit(*a), "b1": fit(*b, "--epochs", "2"), "b2": fit(*b, "--epochs", "3")}
     return {"a": root / "a", "b": root / "b", "logs": logs}
 
 
@@ -72,16 +56,6 @@ def test_loss_falls_and_val_top1_beats_chance(runs, digits_shards):
     assert "images/s" in runs["logs"]["a"]                     # the progress line
     assert (runs["a"] / "curves.png").stat().st_size > 1000
     assert any(p.name.startswith("events.out.tfevents") for p in (runs["a"] / "tb").iterdir())
-
-
-def test_ddp_keeps_both_workers_parameters_identical(runs):
-    rank0 = torch.load(runs["a"] / "rank_states" / "rank0.pt", weights_only=True)
-    rank1 = torch.load(runs["a"] / "rank_states" / "rank1.pt", weights_only=True)
-    last = torch.load(runs["a"] / "last.pt", weights_only=True)["model"]
-    assert set(rank0) == set(rank1) == set(last)
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key        # the two ranks saw different images
-        assert torch.equal(rank0[key], last[key]), key
 
 
 def test_last_and_best_are_plain_weights_only_model_files(runs, digits_shards):
