@@ -157,9 +157,9 @@ def running(pid: int) -> bool:
 # `make test` spreads whole modules over pytest-xdist workers (--dist loadfile) in collection order, so the
 # modules that take longest (multi-process Ray runs) are collected first and start at once, and the many
 # short modules fill the other workers meanwhile. Longest first, as measured; unlisted modules follow.
-LONGEST_FIRST = ("test_faults.py", "test_trainer.py", "test_elastic.py", "test_gpu_check.py", "test_cluster_e2e.py",
-                 "test_ablate.py", "test_elastic_train.py", "test_local_mode.py", "test_console.py",
-                 "test_bad_input.py", "test_parallel_fit.py")
+LONGEST_FIRST = ("test_faults.py", "test_elastic.py", "test_gpu_check.py", "test_cluster_e2e.py", "test_trainer.py",
+                 "test_console.py", "test_elastic_train.py", "test_bad_input.py", "test_local_mode.py",
+                 "test_ablate.py", "test_pipeline.py", "test_parallel_fit.py")
 
 
 def pytest_collection_modifyitems(config, items):

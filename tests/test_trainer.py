@@ -85,10 +85,15 @@ def test_rerun_resumes_at_the_next_epoch_with_exactly_the_saved_state(runs):
 
 
 def test_eval_counts_every_val_image_once_for_1_2_3_workers(runs, digits_shards, ray_cluster):
-    from trainer.evaluate import evaluate
+    """1 worker in this process, 2 as Ray tasks, 3 as this process's three ranks in turn (the split's arithmetic,
+    without a third Ray worker process)."""
+    from trainer.evaluate import eval_rank, evaluate
 
     n = load_manifest(digits_shards.val)["num_samples"]
-    results = [evaluate(str(runs["a"] / "last.pt"), str(digits_shards.val), workers=w) for w in (1, 2, 3)]
+    checkpoint, val = str(runs["a"] / "last.pt"), str(digits_shards.val)
+    results = [evaluate(checkpoint, val, workers=w) for w in (1, 2)]
+    thirds = [eval_rank(checkpoint, val, r, 3, False, "dali", 64, 1) for r in range(3)]
+    results.append({k: sum(t[k] for t in thirds) / (n if k != "n" else 1) for k in ("top1", "top5", "n")})
     assert [r["n"] for r in results] == [n, n, n]
     # the same images, the same weights: the same hits whatever the split
     assert len({round(r["top1"] * n) for r in results}) == 1 and len({round(r["top5"] * n) for r in results}) == 1
