@@ -159,6 +159,7 @@ def test_the_cleaners_warning_without_a_state_api_is_dropped_and_fit_says_why_on
                            "`ray start --head --include-dashboard=true`")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # Ray Data's own, on building a TorchTrainer
 def test_the_trainer_leaves_out_ray_trains_helper_actors_it_has_no_use_for(ray_cluster):
     """Ray Train's real default callbacks: the dataset manager's always goes (no datasets are handed to Ray Train),
     the placement-group cleaner's only where no State API is (the session's cluster has no dashboard). Both names
