@@ -59,10 +59,8 @@ def read_range(shards: list[Shard], start: int, stop: int) -> Iterator[tuple[int
                         break
             except ShardError:
                 raise
-            except Exception as e:  # tarfile / webdataset errors: name the shard, keep one line
-                raise ShardError(f"{shard.tar}: unreadable at sample {position - first} "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); rebuild the split "
-                                 f"with `python -m shards build`") from None
+            except Exception as e:
+                raise unreadable(shard.tar, position - first, e) from None
         first = last
         if first >= stop:
             break
@@ -85,10 +83,15 @@ def read_parts(parts: list[Part]) -> Iterator[tuple[int, tuple[int, dict]]]:
                         break
         except ShardError:
             raise
-        except Exception as e:  # tarfile / webdataset errors: name the shard, keep one line
-            raise ShardError(f"{part.shard.tar}: unreadable at sample {wanted[k]} "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); rebuild the split "
-                             f"with `python -m shards build`") from None
+        except Exception as e:
+            raise unreadable(part.shard.tar, wanted[k], e) from None
+
+
+def unreadable(tar: str, sample: int, error: Exception) -> ShardError:
+    """A tarfile or webdataset error while reading ``tar``, as one line that names the shard and the fix."""
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return ShardError(f"{tar}: unreadable at sample {sample} ({type(error).__name__}: {first_line}); rebuild the "
+                      f"split with `python -m shards build`")
 
 
 def take_turns(items: Iterable[tuple[int, dict]], worker: int, num_workers: int,
