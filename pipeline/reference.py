@@ -61,6 +61,8 @@ def read_range(shards: list[Shard], start: int, stop: int) -> Iterator[tuple[int
                 raise
             except Exception as e:
                 raise unreadable(shard.tar, position - first, e) from None
+            if position < min(last, stop):
+                raise ended_early(shard, position - first)
         first = last
         if first >= stop:
             break
@@ -75,9 +77,10 @@ def read_parts(parts: list[Part]) -> Iterator[tuple[int, tuple[int, dict]]]:
         if not len(wanted):
             continue
         try:
-            for i, sample in enumerate(tarfile_samples([{"url": part.shard.tar}])):
-                if i == wanted[k]:
-                    yield position, (part.shard.first + i, sample)
+            read = 0
+            for read, sample in enumerate(tarfile_samples([{"url": part.shard.tar}]), start=1):
+                if read - 1 == wanted[k]:
+                    yield position, (part.shard.first + read - 1, sample)
                     position, k = position + 1, k + 1
                     if k == len(wanted):
                         break
@@ -85,6 +88,15 @@ def read_parts(parts: list[Part]) -> Iterator[tuple[int, tuple[int, dict]]]:
             raise
         except Exception as e:
             raise unreadable(part.shard.tar, wanted[k], e) from None
+        if k < len(wanted):
+            raise ended_early(part.shard, read)
+
+
+def ended_early(shard: Shard, read: int) -> ShardError:
+    """A tar that ends before its last sample: Python's tarfile stops without an error at a damaged header, so
+    without this check the rest of the shard would be left out unnoticed (the epoch shorter, labels shifted)."""
+    return ShardError(f"{shard.tar}: ends after {read} of its {shard.count} samples (a damaged tar header?); "
+                      f"rebuild the split with `python -m shards build`")
 
 
 def unreadable(tar: str, sample: int, error: Exception) -> ShardError:

@@ -397,6 +397,28 @@ def test_dali_reader_error_names_the_shard(digits_shards, tmp_path):
     assert "val-000001.tar" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("loader", ["eval", "train"])
+def test_reference_reader_refuses_a_shard_that_ends_early(digits_shards, tmp_path, loader):
+    """A shard whose bytes changed after the split was checked (the same size: one member's tar header overwritten
+    mid-file). Python's tarfile stops there without an error; the reader names the shard and the fix instead of
+    leaving the rest of the shard out (which shifted labels and cut the epoch short, silently)."""
+    import tarfile
+
+    split = _copy_split(digits_shards.val, tmp_path / "val")
+    make = make_eval_loader if loader == "eval" else make_train_loader
+    batches = make(cfg_for(split), "reference")                    # validated while still intact
+    tar = split / "val-000000.tar"
+    with tarfile.open(tar) as t:
+        header = t.getmembers()[150].offset                        # sample 50's third member
+    data = bytearray(tar.read_bytes())
+    data[header:header + 512] = b"\xff" * 512
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ShardError) as info:
+        list(batches)
+    assert str(info.value) == (f"{tar}: ends after 50 of its 200 samples (a damaged tar header?); rebuild the split "
+                               "with `python -m shards build`")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: cuda:0 is valid here")
 @pytest.mark.parametrize("kind", ["dali", "reference"])
 def test_cuda_device_without_a_gpu_is_a_clear_error(digits_shards, kind):
