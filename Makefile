@@ -32,8 +32,10 @@ demo: setup
 ablate: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/ablate.sh $(DEMO_DIR)
 
+# One intra-op thread per test process: three processes on two cores gain nothing from more, and idle OpenMP
+# threads spin. (Ray's workers and torchrun's ranks get one anyway.)
 test: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	OMP_NUM_THREADS=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The property-based fuzz tests with many more examples than `make test` runs, from a random seed.
 fuzz: setup

@@ -38,7 +38,10 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["--workers", "2", "--batch-size", "32", "--width", "0.125", "--loader", "dali", "--epochs", "2",
           "--set", "data.image_size=64", "--set", "data.num_threads=1", "--set", "train.max_steps_per_epoch=8",
-          "--set", "train.checkpoint_every=3", "--set", "train.log_every=4"]
+          "--set", "train.checkpoint_every=3", "--set", "train.log_every=4",
+          # no preemption checks: each worker group would start Ray Train's preemption watcher, an actor of its own
+          # (the notices, with restarts and resizes, are tests/test_elastic.py's and tests/test_preemption.py's)
+          "--set", "run.preemption_check_every=0"]
 
 
 def fit_cmd(shards, out: Path, *extra: str) -> list[str]:
