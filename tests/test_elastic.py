@@ -24,6 +24,7 @@ twice, and that each epoch, whatever was rolled back, gave the optimizer every s
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -80,6 +81,8 @@ def elastic_run(digits_shards, tmp_path_factory):
         wait_for("a step after it", lambda: at_least(groups(run)[-1]["steps"], at, 1), proc, log, 60, 0.02)
         os.kill(pid, signal.SIGSTOP)   # the group steps no further (these tiny steps would reach the epoch's end)
         cluster.kill_node(added)                                   # no notice this time
+        with contextlib.suppress(ProcessLookupError):   # stopped, it would outlive its node's raylet, which no
+            os.kill(pid, signal.SIGKILL)                 # process of a lost VM does
         mark("killed unannounced")
         last = wait_for("the group of one again", lambda: [g for g in groups(run) if g["id"] > two["id"] and
                                                            g["steps"]], proc, log, 120)[0]
