@@ -211,6 +211,14 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie, exited but not yet reaped by its parent, has)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def worker_pids(node) -> list[int]:
     """The Ray Train worker processes on ``node`` (below its raylet), e.g. to send one a SIGTERM."""
     found = []

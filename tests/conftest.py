@@ -131,6 +131,8 @@ def ray_cluster(tmp_path_factory) -> str:
 
 def pytest_sessionfinish(session):
     """The controlling process stops the session's Ray cluster, if one was started, once every test is done."""
+    from bench.reclaim import running
+
     if hasattr(session.config, "workerinput"):   # a pytest-xdist worker: others may still use the cluster
         return
     state = shared_dir(session.config._tmp_path_factory) / "ray"
@@ -142,14 +144,6 @@ def pytest_sessionfinish(session):
         time.sleep(0.2)
     if running(pid):
         os.killpg(pid, signal.SIGKILL)   # its cluster's processes share its process group (start_new_session)
-
-
-def running(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not exited (a zombie, exited but not yet reaped, has)."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------- order (make test runs modules in parallel)

@@ -6,20 +6,12 @@ STATE_DIR/stop appears (the session's end) or WATCH_PID, the pytest process that
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script: the checkout's packages
+from bench.reclaim import running  # noqa: E402
 
 
 def main(state: Path, watch_pid: int, cpus: int) -> None:
@@ -33,7 +25,7 @@ def main(state: Path, watch_pid: int, cpus: int) -> None:
     tmp.write_text(ray.get_runtime_context().gcs_address)
     tmp.rename(state / "address")
     try:
-        while alive(watch_pid) and not (state / "stop").exists():
+        while running(watch_pid) and not (state / "stop").exists():
             time.sleep(0.5)
     finally:
         ray.shutdown()

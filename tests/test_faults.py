@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.reclaim import descendants
+from bench.reclaim import descendants, running
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -85,15 +85,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 
 def alive(pids: set[int]) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.add(pid)
-    return out
+    return {pid for pid in pids if running(pid)}
 
 
 def fit(cmd: list[str], log: Path, ray_address: str | None, expect: int = 0) -> str:

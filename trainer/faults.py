@@ -3,7 +3,8 @@
 ``fault.kill_at_step``  SIGKILLs the worker process of ``fault.rank`` just before that step (a crashed node),
 ``fault.raise_at_step`` raises RuntimeError there (a bug or a lost device), ``fault.nan_at_step`` makes that
 rank's loss NaN at that step (a diverging run), ``fault.hang_at_step`` stops that rank there for good (a hung
-process: the other ranks wait in their next collective; a drill of whatever watches the run from outside). Steps are global and 1-based (:attr:`trainer.loop.Step.global_step`).
+process: the other ranks wait in their next collective; a drill of whatever watches the run from outside).
+Steps are global and 1-based (:attr:`trainer.loop.Step.global_step`).
 
 Each fault fires once per run directory: ``RUN_DIR/faults/<name>`` is written just before it fires, so the
 group Ray Train restarts from the last checkpoint runs through that step like an uninterrupted run would.

@@ -197,7 +197,8 @@ def _start_local(num_workers: int, cpus_per_worker: float, gpus_per_worker: floa
     # No dashboard: nobody looks at a local cluster's (fit names no address for it), and it is the heaviest part
     # of the start (a dozen Python processes; on two busy cores it has made the node miss Ray's 30 s start-up
     # limit). Its State API would serve only Ray Train's placement-group cleaner, whose work cannot matter for a
-    # cluster that ends with fit. The cleaner is pointed at a port where nothing listens, so that it never asks
+    # cluster that ends with fit, and which fit does not start without one (lean_torch_trainer). Should Ray start
+    # it anyway (another Ray version), it is pointed at a port where nothing listens, so that it never asks
     # another Ray instance on this machine, which would not know this run's controller and would have the
     # cleaner remove the run's placement group; its failed tries stay in Ray's logs (CLEANER_LINES).
     os.environ["RAY_API_SERVER_ADDRESS"] = NO_STATE_API
