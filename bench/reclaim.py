@@ -118,7 +118,14 @@ class LocalCluster:
 def _serve_cluster(conn, nodes: int) -> None:
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+    from trainer.ray_cluster import NO_STATE_API
+
+    # No dashboard, as fit's own local cluster: it is the heaviest part of a start, and with one Ray Train's
+    # placement-group cleaner asks whichever Ray instance on this machine is newest (a test's other cluster)
+    # whether the run's controller lives; one that does not know it has the cleaner remove the run's placement
+    # group. The cluster's processes inherit this, so that nothing here asks another instance.
+    os.environ["RAY_API_SERVER_ADDRESS"] = NO_STATE_API
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
     by_id = {}
     for _ in range(nodes):
         node = cluster.add_node(num_cpus=1)

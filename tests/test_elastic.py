@@ -6,8 +6,8 @@ One scenario in one module-scoped fixture (the suite's time budget), driven by b
 cluster of a head without CPUs (the driver, Ray Train's controller) and two nodes of one logical CPU each, so each
 worker of ``fit --workers 1-2`` runs on its own node; 640 training samples, 20 steps of 32 an epoch. Mid-run:
 
-1. one node is drained for preemption with an 8 s deadline (cluster/spot_watch.py -> ``ray drain-node --reason
-   DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds 8``, what a spot reclaim does through KubeRay or the
+1. one node is drained for preemption with a 12 s deadline (cluster/spot_watch.py -> ``ray drain-node --reason
+   DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds 12``, what a spot reclaim does through KubeRay or the
    autoscaler): every rank reads the notice at its next check point, the group checkpoints at once, trains on,
    checkpoints again just before the deadline and stops stepping; then the node is killed (SIGKILL of all its
    processes), as the cloud does;
@@ -37,7 +37,7 @@ from bench.reclaim import (drain, epoch_keys, groups, log_lines, lost_steps, sam
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
-DEADLINE_S = 8
+DEADLINE_S = 12
 
 
 @pytest.fixture(scope="module")

@@ -110,9 +110,39 @@ def test_notice_checkpoints_at_once_then_again_just_before_the_deadline_then_sto
     first, last = saved
     assert first.global_step == 10                                     # at once
     assert last.global_step > first.global_step
-    margin = hook.margin_s()
+    margin = hook.margin_s(Step(0, 40, STEPS))                       # mid-epoch: the wait is a check interval
     assert 1040.0 - margin - 2.0 <= clock.now <= 1040.0 - margin + 2.0   # as late as the margin allows
     assert clock.now < 1040.0                                          # before the node goes
+
+
+def run_epochs(hook: PreemptionCheck, clock: Clock, epochs: int, steps: int, epoch_end_s: float) -> None:
+    """Steps of 1 s; each epoch's end (evaluation, checkpoint) takes ``epoch_end_s``."""
+    for epoch in range(epochs):
+        for s in range(steps):
+            clock.now += 1.0
+            hook.after_step(Step(epoch, s, steps), torch.zeros(()), 32, None)
+        clock.now += epoch_end_s
+
+
+# Epochs of 20 steps of 1 s, checked every 2nd step (0-based steps 1, 3, ..., 17): epoch E's step S ends at
+# 1000 + E * (20 + end) + S + 1, where ``end`` is the epoch end's duration (evaluation, checkpoint).
+@pytest.mark.parametrize("notice_from, deadline, epoch_end_s, stops_at", [
+    # an epoch end timed (24 s between check points): the deadline would pass during epoch 2's end, so the last
+    # checkpoint is epoch 2's last check point (t=1058), not epoch 3's first (t=1082, after the deadline)
+    (24, 1070.0, 20.0, (1, 17)),
+    # no epoch end timed yet (a notice in a group's first epoch): the last check point before one is the last
+    (6, 1030.0, 20.0, (0, 17)),
+    # a deadline mid-epoch, further than the epoch end's margin from its last check point: stepping goes on into
+    # the next epoch until two check intervals are left, as without epoch ends
+    (24, 1062.0, 4.0, (2, 9)),
+])
+def test_the_deadline_never_passes_during_an_epoch_end(notice_from, deadline, epoch_end_s, stops_at):
+    hook, clock, saved, _ = hook_with({"from": notice_from, "deadline": deadline})
+    with pytest.raises(Paused):
+        run_epochs(hook, clock, 5, 20, epoch_end_s)
+    last = saved[-1]
+    assert clock.now < deadline                                        # the last checkpoint is taken before it
+    assert (last.epoch, last.step) == stops_at, (last, clock.now)
 
 
 def test_a_notice_without_deadline_checkpoints_once_and_training_goes_on():

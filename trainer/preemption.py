@@ -14,7 +14,8 @@ Two sources, one path (docs/reliability.md, "A spot node is reclaimed"):
 On the first notice :class:`PreemptionCheck` saves a checkpoint at once (trainer/train.py ``save_mid_epoch``:
 every rank's data position, so the restarted group, of any size, continues from that step) and training goes
 on. With a deadline, it saves once more at the last check point that leaves ``margin`` seconds before it (twice
-the measured save time plus two check intervals), then stops stepping: a step taken after that would only be
+the measured save time plus twice the wait for the next check point, :meth:`PreemptionCheck.margin_s`), then
+stops stepping: a step taken after that would only be
 thrown away, because Ray Train restarts the group once the deadline has passed. So the restarted group repeats
 no step. Without a deadline (a SIGTERM) it keeps training until the process goes.
 
@@ -23,6 +24,7 @@ The loop (trainer/loop.py) knows nothing of Ray: this hook is added by the Ray T
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -108,8 +110,9 @@ class PreemptionCheck(Hook):
         self.saved_at: Step | None = None      # the checkpoint taken on the notice
         self.final = False                     # the last one before the deadline is written
         self.save_s = 0.0                      # how long the notice's checkpoint took
-        self.last_check = None                 # time of the previous check point, and the interval since
-        self.interval_s = 0.0
+        self.last_check: tuple[int, float] | None = None   # (epoch, time) of the previous check point
+        self.interval_s = 0.0                  # between two check points of one epoch
+        self.boundary_s: float | None = None   # the longest between an epoch's last and the next one's first
 
     def due(self, at: Step) -> bool:
         return bool(self.every) and at.global_step % self.every == 0 and at.step + 1 < at.steps
@@ -119,11 +122,15 @@ class PreemptionCheck(Hook):
             return
         now = self.clock()
         if self.last_check is not None:
-            self.interval_s = now - self.last_check
-        self.last_check = now
+            epoch, then = self.last_check
+            if epoch == at.epoch:
+                self.interval_s = now - then
+            else:   # an epoch's end lay between: its evaluation and checkpoint, often longer than many steps
+                self.boundary_s = max(self.boundary_s or 0.0, now - then)
+        self.last_check = (at.epoch, now)
         info = self.notice()
         deadline = info.deadline_ms / 1000 if info is not None and info.deadline_ms else None
-        near = deadline is not None and deadline - now <= self.margin_s()
+        near = deadline is not None and deadline - now <= self.margin_s(at)
         # one collective: SIGTERM on any rank, and whether any rank's clock says the deadline is near
         sigterm, near_votes = all_reduce_sum([float(SIGTERM_RECEIVED.is_set()), float(near)], self.device)
         if info is None and not sigterm:
@@ -142,9 +149,14 @@ class PreemptionCheck(Hook):
             self.log("[trainer] no more steps until Ray Train restarts the group after the deadline")
             self.pause()
 
-    def margin_s(self) -> float:
-        """How long before the deadline the last checkpoint starts: room for the save and a late check."""
-        return 2 * self.save_s + 2 * self.interval_s
+    def margin_s(self, at: Step) -> float:
+        """How long before the deadline the last checkpoint may start at check point ``at``: twice the save and
+        twice the wait for the next check point. When that lies past the epoch's end, the wait is the longest
+        epoch end timed so far, and unbounded while none is: the deadline must not pass during an evaluation."""
+        wait = self.interval_s
+        if at.step + self.every + 1 >= at.steps:   # the next check point is in the next epoch
+            wait = self.boundary_s if self.boundary_s is not None else math.inf
+        return 2 * self.save_s + 2 * wait
 
 
 def describe(info: Any, sigterm: float, now: float) -> str:
