@@ -121,6 +121,45 @@ def test_dropped_lines_are_only_those_naming_a_marker():
                                                                      "ValueError: bad shard"]}
 
 
+# The controller's lines when an elastic group's start at 2 workers times out, then when a worker is lost (Ray 2.60)
+STARTUP_TIMEOUT = ["Error in control loop iteration: The worker group startup timed out after 8.0 seconds waiting for "
+                   "2 workers. Potential causes include: (1) temporary insufficient cluster resources",
+                   "Traceback (most recent call last):",
+                   '  File "ray/train/v2/_internal/execution/controller/controller.py", line 914, in '
+                   "_run_control_loop_iteration",
+                   "    result = await self._step()",
+                   "             ^^^^^^^^^^^^^^^^^^",
+                   "ray.train.v2._internal.exceptions.WorkerGroupStartupTimeoutError: The worker group startup timed "
+                   "out after 8.0 seconds waiting for 2 workers."]
+SHUTDOWN = ["Graceful shutdown of backend failed. This is expected if one of the workers has crashed.",
+            "Traceback (most recent call last):",
+            '  File "ray/train/torch/config.py", line 333, in on_shutdown',
+            "    ray.get(futures, timeout=timeout_s)",
+            "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.",
+            "\tclass_name: ",
+            "\tactor_id: d7ef30ba7a6b809e15fc320101000000",
+            ""]
+
+
+def test_the_controllers_expected_tracebacks_stay_off_the_console_and_other_lines_stay_on():
+    from trainer.ray_cluster import TRACEBACK_AFTER, WATCHER_LINES, WITH_TRACEBACK, ConsoleFilter
+
+    console = ConsoleFilter(WATCHER_LINES, TRACEBACK_AFTER, WITH_TRACEBACK)
+    controller = {"ip": "192.0.2.2", "pid": "813", "actor_name": "TrainController"}
+    worker = {"ip": "192.0.2.2", "pid": "1437", "actor_name": "RayTrainWorker"}
+    other_error = ["Error in control loop iteration: something else", "Traceback (most recent call last):",
+                   "ValueError: kept"]
+    assert console({**controller, "lines": STARTUP_TIMEOUT + other_error}) == {
+        **controller, "lines": STARTUP_TIMEOUT[:1] + other_error}        # the message stays, its traceback goes
+    # a traceback split over two batches, another process's lines in between: each process's own state
+    assert console({**controller, "lines": SHUTDOWN[:3]}) is None
+    assert console({**worker, "lines": ["Traceback (most recent call last):", "  File x", "RuntimeError: gloo"]}) == {
+        **worker, "lines": ["Traceback (most recent call last):", "  File x", "RuntimeError: gloo"]}
+    assert console({**controller, "lines": SHUTDOWN[3:] + ["Worker group started."]}) == {
+        **controller, "lines": ["Worker group started."]}
+    assert console({**controller, "lines": ["  an indented line"]}) == {**controller, "lines": ["  an indented line"]}
+
+
 def test_the_cleaners_warning_without_a_state_api_is_dropped_and_fit_says_why_once(ray_cluster):
     """Ray Train's own placement-group cleaner, its State API unreachable as on a cluster without a dashboard (an
     address where nothing listens, whatever other Ray instances this machine runs), writes its warning at every

@@ -108,9 +108,12 @@ def at_least(steps: dict, after: tuple[int, int], n: int) -> bool:
     return sum(1 for s in steps if s > after) >= n
 
 
-def test_start_line_says_elastic_and_rays_watcher_lines_stay_off_the_console(elastic_run):
+def test_start_line_says_elastic_and_rays_watcher_lines_and_controller_tracebacks_stay_off_the_console(elastic_run):
     assert "elastic 1-2 worker(s) x 1 CPU" in elastic_run["log"]
     assert "PreemptionWatcher" not in elastic_run["log"]
+    # the controller's tracebacks of a group start that timed out and of a lost worker stay in Ray's logs
+    controller = [x for x in elastic_run["log"].splitlines() if x.startswith("(TrainController")]
+    assert not any("Traceback" in x or "Graceful shutdown of backend failed" in x for x in controller), controller
 
 
 def test_group_shrinks_to_one_on_the_reclaim_and_grows_back_to_two(elastic_run):

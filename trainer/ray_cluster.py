@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from typing import Mapping
 
@@ -127,7 +128,8 @@ def init_ray(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, *
     else:
         _start_local(num_workers, cpus_per_worker, gpus_per_worker, verbose, level)
     if not verbose:
-        hide_console_lines(WATCHER_LINES + (CLEANER_LINES if not _has_dashboard() else ()))
+        hide_console_lines(ConsoleFilter(WATCHER_LINES + (CLEANER_LINES if not _has_dashboard() else ()),
+                                         TRACEBACK_AFTER, WITH_TRACEBACK))
 
 
 def _has_dashboard() -> bool:
@@ -228,30 +230,72 @@ WATCHER_LINES = ("'PreemptionWatcher' and ID", "PreemptionWatcher: preemption de
 CLEANER_LINES = ("State API may be temporarily unavailable",)
 
 
-def hide_console_lines(markers: tuple[str, ...]) -> None:
-    """Drop forwarded worker log lines containing any of ``markers`` from this driver's console (Ray's log files
-    keep them). Wraps the handler ``ray.init(log_to_driver=True)`` installs (a private Ray API, hence the guard)."""
+# Ray Train controller messages whose traceback stays in Ray's logs. Without a traceback: the message says all
+# (an elastic group that does not fit yet is retried at a size that does; train.log says which). With it: a
+# worker lost mid-run, which FailureNotice's line in train.log names.
+TRACEBACK_AFTER = ("Error in control loop iteration: The worker group startup timed out",)
+WITH_TRACEBACK = ("Graceful shutdown of backend failed",)
+
+_TRACEBACK_START = ("Traceback (most recent call last)", "During handling of the above exception",
+                    "The above exception was the direct cause")
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+
+
+def traceback_line(line: str) -> bool:
+    """Whether ``line`` can be part of a Python traceback: its header, an indented frame or message line, a blank,
+    a chained exception's separator, or the exception line."""
+    return (not line.strip() or line[0] in " \t" or line.startswith(_TRACEBACK_START)
+            or bool(_EXCEPTION_LINE.match(line)))
+
+
+class ConsoleFilter:
+    """What of Ray's forwarded log lines this driver's console leaves out (Ray's log files keep everything): lines
+    containing a marker of ``drop``; the traceback that follows a line containing a marker of ``traceback_after``;
+    lines containing a marker of ``with_traceback``, and their traceback. A traceback may continue in the same
+    process's next batch, so where one is being left out is kept per process."""
+
+    def __init__(self, drop: tuple[str, ...], traceback_after: tuple[str, ...] = (),
+                 with_traceback: tuple[str, ...] = ()):
+        self.drop, self.traceback_after, self.with_traceback = drop, traceback_after, with_traceback
+        self._in_traceback: dict[tuple, bool] = {}
+
+    def __call__(self, data: dict) -> dict | None:
+        """One batch as Ray's dispatcher hands it over (``{"lines": [...], "pid": ...}``) without the lines left
+        out; None when none is left."""
+        process = (data.get("ip"), data.get("pid"))
+        skipping, kept = self._in_traceback.get(process, False), []
+        for line in data.get("lines", []):
+            if skipping and traceback_line(line):
+                continue
+            skipping = any(m in line for m in self.traceback_after + self.with_traceback)
+            if not any(m in line for m in self.drop + self.with_traceback):
+                kept.append(line)
+        self._in_traceback[process] = skipping
+        return {**data, "lines": kept} if kept else None
+
+
+def hide_console_lines(console: ConsoleFilter) -> None:
+    """Leave out of this driver's console what ``console`` says. Wraps the handler ``ray.init(log_to_driver=True)``
+    installs (a private Ray API, hence the guard)."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return
     for name, handler in list(dispatcher.handlers):
-        if name != "ray_print_logs" or getattr(handler, "hides", None) == markers:
+        if name != "ray_print_logs" or getattr(handler, "console", None) is not None:
             continue
 
         def filtered(data, handler=handler):
-            if (kept := drop_lines(data, markers)) is not None:
+            if (kept := console(data)) is not None:
                 handler(kept)
-        filtered.hides = markers
+        filtered.console = console
         dispatcher.remove_handler(name)
         dispatcher.add_handler(name, filtered)
 
 
 def drop_lines(data: dict, markers: tuple[str, ...]) -> dict | None:
-    """One batch of forwarded log lines as Ray's dispatcher hands it over (``{"lines": [...], "pid": ...}``)
-    without the lines containing any of ``markers``; None when none is left."""
-    lines = [line for line in data.get("lines", []) if not any(m in line for m in markers)]
-    return {**data, "lines": lines} if lines else None
+    """One batch of forwarded log lines without the lines containing any of ``markers``; None when none is left."""
+    return ConsoleFilter(markers)(data)
 
 
 def ray_log_dir() -> str | None:
