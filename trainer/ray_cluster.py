@@ -282,13 +282,14 @@ def hide_console_lines(console: ConsoleFilter) -> None:
     except ImportError:
         return
     for name, handler in list(dispatcher.handlers):
-        if name != "ray_print_logs" or getattr(handler, "console", None) is not None:
+        if name != "ray_print_logs":
             continue
+        printer = getattr(handler, "printer", handler)   # a later call's filter replaces an earlier one's
 
-        def filtered(data, handler=handler):
+        def filtered(data, printer=printer):
             if (kept := console(data)) is not None:
-                handler(kept)
-        filtered.console = console
+                printer(kept)
+        filtered.printer = printer
         dispatcher.remove_handler(name)
         dispatcher.add_handler(name, filtered)
 
