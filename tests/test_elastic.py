@@ -38,6 +38,7 @@ from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 12
+RESTART_S = 240   # a group's restart: about 40 s here, over 100 s on two cores loaded twice over
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +69,11 @@ def elastic_run(digits_shards, tmp_path_factory):
         mark("killed")
         # two steps: a resized group checkpoints after its first, so that growing back restarts from it
         one = wait_for("the group of one", lambda: [g for g in groups(run) if g["world"] == 1
-                                                    and len(g["steps"]) >= 2], proc, log, 120)[0]
+                                                    and len(g["steps"]) >= 2], proc, log, RESTART_S)[0]
         mark("shrunk")
         added = cluster.add_node()
         two = wait_for("the group of two again", lambda: [g for g in groups(run) if g["id"] > one["id"] and
-                                                          g["world"] == 2 and len(g["steps"]) >= 2], proc, log, 120)[0]
+                                                          g["world"] == 2 and len(g["steps"]) >= 2], proc, log, RESTART_S)[0]
         mark("grown")
         # early in an epoch, so that the SIGTERM's checkpoint is still the newest when the node goes
         wait_for("an epoch's early steps", lambda: 1 <= max(groups(run)[-1]["steps"])[1] <= 5, proc, log, 60, 0.02)
@@ -88,10 +89,10 @@ def elastic_run(digits_shards, tmp_path_factory):
             os.kill(pid, signal.SIGKILL)                 # process of a lost VM does
         mark("killed unannounced")
         last = wait_for("the group of one again", lambda: [g for g in groups(run) if g["id"] > two["id"] and
-                                                           g["steps"]], proc, log, 120)[0]
+                                                           g["steps"]], proc, log, RESTART_S)[0]
         mark("shrunk again")
         epoch = max(e for e, _ in groups(run)[-1]["steps"])
-        wait_for("that group's epoch end", lambda: len(read_metrics(run)) > epoch, proc, log, 120)
+        wait_for("that group's epoch end", lambda: len(read_metrics(run)) > epoch, proc, log, RESTART_S)
         mark("done")
     finally:
         stop(proc)
