@@ -73,7 +73,8 @@ def elastic_run(digits_shards, tmp_path_factory):
         mark("shrunk")
         added = cluster.add_node()
         two = wait_for("the group of two again", lambda: [g for g in groups(run) if g["id"] > one["id"] and
-                                                          g["world"] == 2 and len(g["steps"]) >= 2], proc, log, RESTART_S)[0]
+                                                          g["world"] == 2 and len(g["steps"]) >= 2],
+                       proc, log, RESTART_S)[0]
         mark("grown")
         # early in an epoch, so that the SIGTERM's checkpoint is still the newest when the node goes
         wait_for("an epoch's early steps", lambda: 1 <= max(groups(run)[-1]["steps"])[1] <= 5, proc, log, 60, 0.02)
