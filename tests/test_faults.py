@@ -173,7 +173,7 @@ def test_killed_and_raising_workers_are_restarted_and_the_run_matches_an_uninter
         ["kill_at_step_6", "nan_at_step_11", "raise_at_step_13"]
     # of the six checkpoints taken, Ray Train's CheckpointConfig keeps the newest two it knows of (one written just
     # before a kill can be unknown to its controller, and stays)
-    assert 1 <= len([p for p in (root / "b" / "ray").glob("checkpoint_*") if p.is_dir()]) <= 3
+    assert len([p for p in (root / "b" / "ray").glob("checkpoint_*") if p.is_dir()]) in (1, 2, 3)
     assert_same_run(root / "b", root / "a")
 
 
