@@ -109,15 +109,15 @@ CLEANER_WARNINGS = ["Failed to query Ray Train Controller actor state. State API
 
 
 def test_dropped_lines_are_only_those_naming_a_marker():
-    from trainer.ray_cluster import CLEANER_LINES, WATCHER_LINES, drop_lines
+    from trainer.ray_cluster import CLEANER_LINES, WATCHER_LINES, ConsoleFilter
 
     batch = {"ip": "192.0.2.2", "pid": "31291", "job": "01000000", "is_err": True,
              "actor_name": "PlacementGroupCleaner", "task_name": "", "lines": CLEANER_WARNINGS}
-    assert drop_lines(batch, WATCHER_LINES + CLEANER_LINES) is None
-    assert drop_lines(batch, WATCHER_LINES) == batch                       # a cluster with a dashboard
+    assert ConsoleFilter(WATCHER_LINES + CLEANER_LINES)(batch) is None
+    assert ConsoleFilter(WATCHER_LINES)(batch) == batch                       # a cluster with a dashboard
     worker = {**batch, "actor_name": "RayTrainWorker", "lines": ["Traceback (most recent call last):",
                                                                  CLEANER_WARNINGS[0], "ValueError: bad shard"]}
-    assert drop_lines(worker, CLEANER_LINES) == {**worker, "lines": ["Traceback (most recent call last):",
+    assert ConsoleFilter(CLEANER_LINES)(worker) == {**worker, "lines": ["Traceback (most recent call last):",
                                                                      "ValueError: bad shard"]}
 
 
@@ -171,7 +171,7 @@ def test_the_cleaners_warning_without_a_state_api_is_dropped_and_fit_says_why_on
     import ray
     from ray.train.v2._internal.execution.controller.placement_group_cleaner import PlacementGroupCleaner
 
-    from trainer.ray_cluster import CLEANER_LINES, dashboard_notice, drop_lines, ray_log_dir
+    from trainer.ray_cluster import CLEANER_LINES, ConsoleFilter, dashboard_notice, ray_log_dir
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,7 +190,8 @@ def test_the_cleaners_warning_without_a_state_api_is_dropped_and_fit_says_why_on
     finally:
         ray.kill(cleaner)
     assert len(lines) >= 2, f"no warnings from the cleaner (pid {pid}) in {ray_log_dir()}"
-    assert drop_lines({"pid": str(pid), "actor_name": "PlacementGroupCleaner", "lines": lines}, CLEANER_LINES) is None
+    batch = {"pid": str(pid), "actor_name": "PlacementGroupCleaner", "lines": lines}
+    assert ConsoleFilter(CLEANER_LINES)(batch) is None
     notice = dashboard_notice()
     assert notice.startswith("[trainer] this Ray cluster runs without its dashboard: no dashboard, so no "
                              "placement-group cleaner (") and "\n" not in notice

@@ -256,7 +256,8 @@ class ConsoleFilter:
 
     def __init__(self, drop: tuple[str, ...], traceback_after: tuple[str, ...] = (),
                  with_traceback: tuple[str, ...] = ()):
-        self.drop, self.traceback_after, self.with_traceback = drop, traceback_after, with_traceback
+        self.hidden = drop + with_traceback                          # lines never shown
+        self.traceback_starts = traceback_after + with_traceback     # lines whose traceback is not shown
         self._in_traceback: dict[tuple, bool] = {}
 
     def __call__(self, data: dict) -> dict | None:
@@ -267,8 +268,8 @@ class ConsoleFilter:
         for line in data.get("lines", []):
             if skipping and traceback_line(line):
                 continue
-            skipping = any(m in line for m in self.traceback_after + self.with_traceback)
-            if not any(m in line for m in self.drop + self.with_traceback):
+            skipping = any(m in line for m in self.traceback_starts)
+            if not any(m in line for m in self.hidden):
                 kept.append(line)
         self._in_traceback[process] = skipping
         return {**data, "lines": kept} if kept else None
@@ -292,11 +293,6 @@ def hide_console_lines(console: ConsoleFilter) -> None:
         filtered.printer = printer
         dispatcher.remove_handler(name)
         dispatcher.add_handler(name, filtered)
-
-
-def drop_lines(data: dict, markers: tuple[str, ...]) -> dict | None:
-    """One batch of forwarded log lines without the lines containing any of ``markers``; None when none is left."""
-    return ConsoleFilter(markers)(data)
 
 
 def ray_log_dir() -> str | None:
